@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# System tools the tests use for real: dciodvfy (DICOM-SEG validation) and Debian chromium
+# (the web app's browser test). Installed with apt when missing; fails loudly otherwise.
+set -euo pipefail
+need=()
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+command -v dcmdump  >/dev/null 2>&1 || need+=(dcmtk)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ ${#need[@]} -eq 0 ] && exit 0
+echo "installing system packages: ${need[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+  SUDO=sudo
+  command -v sudo >/dev/null 2>&1 || { echo "ERROR: need root or sudo to apt-get install ${need[*]}" >&2; exit 1; }
+else
+  SUDO=
+fi
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"

@@ -1,0 +1,21 @@
+"""Exceptions with messages meant for the user: each names what is wrong and what to do."""
+
+
+class SamSelfPromptError(Exception):
+    """Base class: the hosts (CLI, Slicer module, web app) show str(exc) as is."""
+
+
+class InputError(SamSelfPromptError):
+    """The image, volume or DICOM input cannot be segmented as given."""
+
+
+class CheckpointError(SamSelfPromptError):
+    """A weights or SAM-SP checkpoint file is missing, corrupt or does not fit the model."""
+
+
+class DownloadError(SamSelfPromptError):
+    """A model download was refused, failed or did not verify."""
+
+
+class Cancelled(SamSelfPromptError):
+    """The user cancelled a running job."""

