@@ -1,0 +1,347 @@
+"""Volumes slice by slice: choose the axis, encode in batches, run SAM-SP, stream results.
+
+The ``Segmenter`` is the stateful predictor the hosts keep warm: it owns the model
+on its device and an embedding cache, so a refinement or a re-run with other
+prompts never re-encodes a slice it has seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import Cancelled, InputError
+from .image import Volume
+from .models import SamBackbone, autocast_for, pick_device
+from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
+from .selfprompt import box_prompt, refine, self_prompt
+
+AXIS_NAMES = {"K": 0, "J": 1, "I": 2}
+# Which RAS axis a named anatomical plane's slices are stacked along.
+PLANE_NORMAL = {"axial": 2, "coronal": 1, "sagittal": 0}
+
+
+def resolve_axis(volume: Volume, axis: str | int = "auto") -> int:
+    """The array axis (0 = K, 1 = J, 2 = I) that slices are taken along."""
+    if volume.is_rgb:
+        return 0
+    if isinstance(axis, int) or (isinstance(axis, str) and axis.isdigit()):
+        a = int(axis)
+        if a not in (0, 1, 2):
+            raise InputError(f"slice axis must be 0, 1 or 2, got {a}")
+        return a
+    name = axis if axis != "auto" else "axial"
+    if name.upper() in AXIS_NAMES:
+        return AXIS_NAMES[name.upper()]
+    if name.lower() not in PLANE_NORMAL:
+        raise InputError(f"unknown slice axis '{axis}': use auto, axial, coronal, sagittal, K, J or I")
+    ras_row = PLANE_NORMAL[name.lower()]
+    # Column c of the direction matrix is the RAS direction of IJK index c; array axis = 2 - c.
+    direction = volume.ijk_to_ras[:3, :3] / volume.spacing
+    ijk_col = int(np.argmax(np.abs(direction[ras_row])))
+    return 2 - ijk_col
+
+
+def take_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(array, index, axis=axis)
+
+
+def put_slice(target: np.ndarray, axis: int, index: int, values: np.ndarray) -> None:
+    sl: list[slice | int] = [slice(None)] * 3
+    sl[axis] = index
+    target[tuple(sl)] = values
+
+
+@dataclass
+class SegmentOptions:
+    axis: str | int = "auto"
+    slice_range: tuple[int, int] | None = None  # [start, stop) along the axis
+    intensity: Intensity | None = None  # None: from the checkpoint, else guessed per volume
+    ct_window: str = "abdomen"
+    batch_size: int = 4
+    boxes: dict[int, Sequence[float]] | None = None  # expert boxes per slice, slice pixels x0 y0 x1 y1
+    empty_y0: str = "skip"  # "skip": empty no-prompt mask means no object; "full_box": prompt the whole slice
+    propagate: bool = False  # carry the previous slice's box to the next (LiteMedSAM-style)
+    min_area: int = 10  # propagation stops when a slice's mask is smaller than this (pixels)
+    cleanup_3d: bool = False  # keep the largest 3D connected component at the end
+
+
+@dataclass
+class SliceResult:
+    index: int
+    mask: np.ndarray  # bool, the slice's shape
+    box: np.ndarray | None  # the prompt box in slice pixels (x0, y0, x1, y1), None if no object
+    box_source: str  # "self", "fallback", "expert", "propagated", "none"
+    iou: float
+    logits: torch.Tensor | None = field(default=None, repr=False)  # 1x1x256x256, for refinement
+
+
+class EmbeddingCache:
+    """LRU of slice embeddings (fp16 on the CPU), bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple[torch.Tensor, Frame]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> tuple[torch.Tensor, Frame] | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: tuple, embedding: torch.Tensor, frame: Frame) -> None:
+        emb = embedding.detach().to("cpu", torch.float16)
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = (emb, frame)
+            self._bytes += emb.numel() * 2
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, (old, _) = self._items.popitem(last=False)
+                self._bytes -= old.numel() * 2
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+def volume_key(volume: Volume) -> str:
+    """Content hash: the cache must not confuse two volumes that share a name."""
+    h = hashlib.sha1(np.ascontiguousarray(volume.array).view(np.uint8))
+    h.update(str(volume.array.shape).encode() + str(volume.array.dtype).encode())
+    return h.hexdigest()
+
+
+class Segmenter:
+    """A warm model on its device plus an embedding cache; segments volumes slice by slice."""
+
+    def __init__(self, model: SamBackbone, device: str | torch.device | None = None, metadata: dict | None = None):
+        self.device = pick_device(str(device) if device is not None else None)
+        self.model = model.to(self.device).eval()
+        self.metadata = metadata or {}
+        self.cache = EmbeddingCache()
+        self.encoder_calls = 0  # slices actually encoded; tests use it to prove cache reuse
+
+    # --- intensity and inputs -------------------------------------------------------------
+    def intensity_for(self, volume: Volume, options: SegmentOptions) -> Intensity:
+        if options.intensity is not None:
+            return options.intensity
+        trained = self.metadata.get("intensity")
+        if trained and trained.get("modality") == ("RGB" if volume.is_rgb else trained.get("modality")):
+            if trained.get("modality") != "MR":  # MR percentiles are per volume, never reused
+                return Intensity.from_dict(trained)
+        return guess_intensity(volume.array, volume.modality, options.ct_window)
+
+    def _slice_input(self, volume: Volume, axis: int, k: int, intensity: Intensity) -> tuple[torch.Tensor, Frame]:
+        pixels = volume.array[0] if volume.is_rgb else take_slice(volume.array, axis, k)
+        return to_model_input(normalize_slice(pixels, intensity), self.model.image_size)
+
+    def embeddings(
+        self, volume: Volume, axis: int, indices: Sequence[int], intensity: Intensity, batch_size: int = 4,
+        vkey: str | None = None, cancel: threading.Event | None = None,
+    ) -> Iterator[tuple[list[int], torch.Tensor, list[Frame]]]:
+        """Yield (indices, B x 256 x 64 x 64 on device, frames), encoding only uncached slices."""
+        vkey = vkey or volume_key(volume)
+        ikey = tuple(sorted(intensity.to_dict().items()))
+        for start in range(0, len(indices), max(1, batch_size)):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled by the user")
+            chunk = list(indices[start:start + batch_size])
+            keys = [(vkey, axis, k, ikey, self.model.spec.model_id) for k in chunk]
+            cached = [self.cache.get(key) for key in keys]
+            todo = [i for i, c in enumerate(cached) if c is None]
+            if todo:
+                inputs = [self._slice_input(volume, axis, chunk[i], intensity) for i in todo]
+                batch = torch.stack([x for x, _ in inputs]).to(self.device)
+                with torch.no_grad(), autocast_for(self.device):
+                    emb = self.model.encode(batch).float()
+                self.encoder_calls += len(todo)
+                for j, i in enumerate(todo):
+                    self.cache.put(keys[i], emb[j], inputs[j][1])
+                    cached[i] = (emb[j], inputs[j][1])
+            embs = torch.stack([c[0].to(self.device, torch.float32) for c in cached])  # type: ignore[index]
+            yield chunk, embs, [c[1] for c in cached]  # type: ignore[index]
+
+    # --- segmentation -----------------------------------------------------------------------
+    def segment(
+        self,
+        volume: Volume,
+        options: SegmentOptions | None = None,
+        cancel: threading.Event | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Iterator[SliceResult]:
+        """Stream one SliceResult per slice; cancel is honoured between batches of slices."""
+        options = options or SegmentOptions()
+        axis = resolve_axis(volume, options.axis)
+        n = volume.array.shape[axis] if not volume.is_rgb else 1
+        start, stop = options.slice_range or (0, n)
+        if not (0 <= start < stop <= n):
+            raise InputError(f"slice range [{start}, {stop}) is outside the volume's {n} slices along axis {axis}")
+        indices = list(range(start, stop))
+        intensity = self.intensity_for(volume, options)
+        if options.propagate:
+            yield from self._propagate(volume, axis, indices, intensity, options, cancel, progress)
+            return
+        vkey = volume_key(volume)
+        done = 0
+        for chunk, embs, frames in self.embeddings(volume, axis, indices, intensity, options.batch_size, vkey, cancel):
+            for result in self._decode(embs, chunk, frames, options):
+                done += 1
+                yield result
+                if progress:
+                    progress(done, len(indices))
+
+    def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], options: SegmentOptions) -> list[SliceResult]:
+        dev = embs.device
+        with torch.no_grad():
+            if options.boxes is not None:
+                out = []
+                for j, k in enumerate(chunk):
+                    box = options.boxes.get(k)
+                    if box is None:
+                        out.append(_empty(k, frames[j]))
+                        continue
+                    mbox = torch.as_tensor(frames[j].box_to_model(box), device=dev)[None]
+                    logits, iou = box_prompt(self.model, embs[j:j + 1], mbox)
+                    out.append(_result(k, logits[0], frames[j], np.asarray(box, np.float32), "expert", iou))
+                return out
+            fallback = torch.stack([torch.as_tensor(f.full_box()) for f in frames]).to(dev)
+            sp = self_prompt(self.model, embs, fallback)
+            out = []
+            for j, k in enumerate(chunk):
+                if bool(sp.fallback_used[j]) and options.empty_y0 == "skip":
+                    out.append(_empty(k, frames[j]))
+                    continue
+                src = "fallback" if bool(sp.fallback_used[j]) else "self"
+                box = frames[j].box_to_slice(sp.boxes[j].cpu().numpy())
+                out.append(_result(k, sp.y1[j], frames[j], box, src, sp.iou[j]))
+            return out
+
+    def _propagate(self, volume, axis, indices, intensity, options, cancel, progress) -> Iterator[SliceResult]:
+        """Seed on the slice whose self-prompted mask is largest, then carry its box outward.
+
+        Each slice is prompted with the previous slice's mask box (LiteMedSAM-style);
+        a direction stops when the mask falls below ``min_area`` pixels.
+        """
+        vkey = volume_key(volume)
+        seeds: dict[int, SliceResult] = {}
+        # First pass: self-prompt every slice (encodes and caches them all).
+        for chunk, embs, frames in self.embeddings(volume, axis, indices, intensity, options.batch_size, vkey, cancel):
+            for r in self._decode(embs, chunk, frames, SegmentOptions(empty_y0=options.empty_y0)):
+                seeds[r.index] = r
+        seed = max(seeds.values(), key=lambda r: int(r.mask.sum()))
+        total, done = len(indices), 1
+        yield seed
+        if progress:
+            progress(done, total)
+        for direction in (1, -1):
+            prev = seed
+            k = seed.index + direction
+            stopped = prev.box is None
+            while indices[0] <= k <= indices[-1]:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled by the user")
+                if stopped:
+                    result = _empty(k, None, volume, axis)
+                else:
+                    (chunk, embs, frames), = list(self.embeddings(volume, axis, [k], intensity, 1, vkey))
+                    mbox = torch.as_tensor(frames[0].box_to_model(prev.box), device=embs.device)[None]
+                    with torch.no_grad():
+                        logits, iou = box_prompt(self.model, embs, mbox)
+                    result = _result(k, logits[0], frames[0], prev.box, "propagated", iou)
+                    if result.mask.sum() < options.min_area:
+                        result, stopped = _empty(k, frames[0]), True
+                yield result
+                done += 1
+                if progress:
+                    progress(done, total)
+                prev = result if result.box is not None else prev
+                k += direction
+
+    def refine_slice(
+        self, volume: Volume, k: int, positive: Sequence[Sequence[float]], negative: Sequence[Sequence[float]],
+        previous: SliceResult | None = None, options: SegmentOptions | None = None,
+    ) -> SliceResult:
+        """Click correction of one slice on its cached embedding (clicks in slice pixels x, y)."""
+        options = options or SegmentOptions()
+        axis = resolve_axis(volume, options.axis)
+        intensity = self.intensity_for(volume, options)
+        (chunk, embs, frames), = list(self.embeddings(volume, axis, [k], intensity, 1))
+        frame = frames[0]
+        pts = [*positive, *negative]
+        if not pts:
+            raise InputError("a correction needs at least one positive or negative click")
+        coords = torch.as_tensor(frame.points_to_model(pts), device=embs.device)[None]
+        labels = torch.tensor([[1] * len(positive) + [0] * len(negative)], device=embs.device)
+        box = None
+        if previous is not None and previous.box is not None:
+            box = torch.as_tensor(frame.box_to_model(previous.box), device=embs.device)[None]
+        prev_logits = previous.logits.to(embs.device) if previous is not None and previous.logits is not None else None
+        with torch.no_grad():
+            logits, iou = refine(self.model, embs, box, prev_logits, coords, labels)
+        src = previous.box_source if previous is not None else "none"
+        return _result(k, logits[0], frame, previous.box if previous is not None else None, src, iou)
+
+
+def _result(k: int, low_res: torch.Tensor, frame: Frame, box, source: str, iou: torch.Tensor) -> SliceResult:
+    mask = (logits_to_slice(low_res, frame) > 0).cpu().numpy()
+    return SliceResult(k, mask, None if box is None else np.asarray(box, np.float32), source,
+                       float(iou.reshape(-1)[0]), low_res.detach().reshape(1, 1, *low_res.shape[-2:]).cpu())
+
+
+def _empty(k: int, frame: Frame | None, volume: Volume | None = None, axis: int = 0) -> SliceResult:
+    if frame is not None:
+        shape = (frame.h, frame.w)
+    else:
+        shape = take_slice(volume.array[..., 0] if volume.is_rgb else volume.array, axis, 0).shape  # type: ignore[union-attr]
+    return SliceResult(k, np.zeros(shape, bool), None, "none", 0.0, None)
+
+
+def largest_component_3d(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected component; a slice-wise model leaves stray blobs."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def segment_volume(
+    segmenter: Segmenter,
+    volume: Volume,
+    options: SegmentOptions | None = None,
+    cancel: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_slice: Callable[[SliceResult], None] | None = None,
+) -> tuple[np.ndarray, list[SliceResult]]:
+    """Run a whole volume and assemble a K x J x I uint8 mask (1 = object)."""
+    options = options or SegmentOptions()
+    axis = resolve_axis(volume, options.axis)
+    shape = volume.shape_kji
+    mask = np.zeros(shape, np.uint8)
+    results = []
+    for r in segmenter.segment(volume, options, cancel, progress):
+        put_slice(mask, axis, r.index, r.mask)
+        results.append(r)
+        if on_slice:
+            on_slice(r)
+    if options.cleanup_3d and mask.any():
+        mask = largest_component_3d(mask).astype(np.uint8)
+    return mask, results
