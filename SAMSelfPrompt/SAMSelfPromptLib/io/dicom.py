@@ -6,7 +6,6 @@ the slice normal, never by file name (the sample CT's names run opposite to z).
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +62,9 @@ def _read_header(path: Path) -> Dataset | None:
     """The header, with large values (pixel data) deferred so that we can still see whether it is there."""
     try:
         return pydicom.dcmread(path, defer_size=1024)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
+    except InvalidDicomError:
+        return None  # no DICM preamble: not DICOM
+    except Exception:  # noqa: BLE001 - a truncated or corrupt file is skipped like any non-DICOM file
         return None
 
 

@@ -41,6 +41,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); outputs should be as readable as a normal new file.
+        os.chmod(tmp, out.stat().st_mode & 0o777 if out.exists() else 0o644)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
