@@ -145,6 +145,8 @@ def test_only_non_image_dicom(tmp_path: Path) -> None:
 def test_two_series_largest_by_default_and_selection(tmp_path: Path) -> None:
     make_series(tmp_path / "s1", n=3, series_uid="1.2.3.1", description="small")
     make_series(tmp_path / "s2", n=6, series_uid="1.2.3.2", description="large")
+    sr = _dataset("1.2.840.10008.5.1.4.1.1.88.33", Modality="SR", SeriesInstanceUID="1.2.3.3")
+    sr.save_as(tmp_path / "s2" / "report.dcm", enforce_file_format=True)  # ignored beside images
     listing = list_dicom_series(tmp_path)
     assert [(s["uid"], s["num_files"], s["description"]) for s in listing] == [("1.2.3.2", 6, "large"),
                                                                                ("1.2.3.1", 3, "small")]
@@ -201,6 +203,29 @@ def test_rgb_series_refused(tmp_path: Path) -> None:
         ds.save_as(path)
     with pytest.raises(InputError, match="colour"):
         read_dicom_series(tmp_path)
+
+
+def test_images_without_position_refused(tmp_path: Path) -> None:
+    for path in make_series(tmp_path, n=3):
+        ds = pydicom.dcmread(path)
+        del ds.ImagePositionPatient
+        ds.save_as(path)
+    with pytest.raises(InputError, match="without ImagePositionPatient"):
+        read_dicom_series(tmp_path)
+
+
+def test_single_rgb_image(tmp_path: Path) -> None:
+    (path,) = make_series(tmp_path, n=1, rows=4, cols=5)
+    rgb = np.random.default_rng(1).integers(0, 255, (4, 5, 3), dtype=np.uint8)
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(path)
+    volume = read_dicom_series(tmp_path)
+    assert volume.is_rgb and volume.modality == "RGB" and volume.array.shape == (1, 4, 5, 3)
+    np.testing.assert_array_equal(volume.array[0], rgb)
 
 
 # --- DICOM-SEG -----------------------------------------------------------------------------------------------

@@ -145,6 +145,9 @@ def _check_stackable(series: DicomSeries) -> None:
         if len(values) > 1:
             raise InputError(f"{name}: mixed {attr} {sorted(values)} within one series; the images cannot be "
                              "stacked into a volume (it mixes several series or scouts)")
+    if series.num_files > 1 and any("ImagePositionPatient" not in h for h in series.headers):
+        raise InputError(f"{name}: {series.num_files} images without ImagePositionPatient (e.g. screenshots or "
+                         "secondary captures); their slice order is unknown, so they cannot form a volume")
     for attr in ("ImageOrientationPatient", "PixelSpacing"):
         values = {tuple(np.round(np.asarray(h.get(attr, []), float), 4)) for h in series.headers}
         if len(values) > 1:
