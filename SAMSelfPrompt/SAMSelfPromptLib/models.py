@@ -253,6 +253,10 @@ def build_model(model_id: str = DEFAULT_MODEL, weights: str | Path | None = None
         raise CheckpointError(f"unknown model '{model_id}'; choose one of {', '.join(MODEL_SPECS)}")
     spec = MODEL_SPECS[model_id]
     model = SamBackbone(spec, spec.build_encoder())
+    if weights is None and spec.download is not None:
+        from .download import cached_weights  # a file the user already agreed to download
+
+        weights = cached_weights(model_id)
     if weights is None:
         if model_id != "litemedsam":
             how = f" or allow the download (samselfprompt download {model_id})" if spec.download else ""
