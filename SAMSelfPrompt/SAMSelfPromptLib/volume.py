@@ -140,11 +140,13 @@ class Segmenter:
     def intensity_for(self, volume: Volume, options: SegmentOptions) -> Intensity:
         if options.intensity is not None:
             return options.intensity
+        guessed = guess_intensity(volume.array, volume.modality, options.ct_window)
         trained = self.metadata.get("intensity")
-        if trained and trained.get("modality") == ("RGB" if volume.is_rgb else trained.get("modality")):
-            if trained.get("modality") != "MR":  # MR percentiles are per volume, never reused
-                return Intensity.from_dict(trained)
-        return guess_intensity(volume.array, volume.modality, options.ct_window)
+        # Reuse the checkpoint's handling only for the same kind of image: its CT window for CT,
+        # as-is for RGB. MR percentiles belong to one volume and are always recomputed.
+        if trained and trained.get("modality") == guessed.modality and guessed.modality in ("CT", "RGB"):
+            return Intensity.from_dict(trained)
+        return guessed
 
     def _slice_input(self, volume: Volume, axis: int, k: int, intensity: Intensity) -> tuple[torch.Tensor, Frame]:
         pixels = volume.array[0] if volume.is_rgb else take_slice(volume.array, axis, k)
