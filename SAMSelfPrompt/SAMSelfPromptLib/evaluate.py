@@ -1,0 +1,201 @@
+"""Evaluation of SAM-SP against vanilla prompting: Dice, IoU and HD95 per case and per row.
+
+Rows (all on the same images and the same cached embeddings):
+  no_prompt    vanilla model, no prompt at all
+  full_box     vanilla model, the whole-image box
+  self_box     vanilla model, box from its own full-box mask (one self-refinement, no training)
+  gt_box       vanilla model, the expert box from the ground truth (the upper anchor)
+  samsp_y0     trained model, pass 1 (no prompt)
+  samsp        trained model, pass 2 on the self-prompt box: the output
+  samsp_alpha0 / no_self_prompt   ablation checkpoints, when given
+
+Metrics are computed on the original slice grid. HD95 is the 95th percentile of the
+symmetric surface distances (in mm where the spacing is known, pixels for photographs);
+an empty prediction against a non-empty truth scores the image diagonal, so means stay finite.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .models import SamBackbone
+from .preprocess import Frame, logits_to_slice
+from .selfprompt import box_from_logits, box_from_mask, self_prompt
+
+VANILLA_ROWS = ("no_prompt", "full_box", "self_box", "gt_box")
+TRAINED_ROWS = ("samsp_y0", "samsp")
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    total = int(pred.sum()) + int(gt.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, gt).sum()) / total
+
+
+def iou_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = int(np.logical_or(pred, gt).sum())
+    return 1.0 if union == 0 else int(np.logical_and(pred, gt).sum()) / union
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> float:
+    """95th percentile symmetric surface distance; 0 if both empty, the diagonal if one is."""
+    if not pred.any() and not gt.any():
+        return 0.0
+    if not pred.any() or not gt.any():
+        return float(np.hypot(pred.shape[0] * spacing[0], pred.shape[1] * spacing[1]))
+    sp, sg = _surface(pred), _surface(gt)
+    dist_to_gt = ndimage.distance_transform_edt(~sg, sampling=spacing)
+    dist_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    dists = np.concatenate([dist_to_gt[sp], dist_to_pred[sg]])
+    return float(np.percentile(dists, 95))
+
+
+def case_metrics(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float]) -> dict[str, float]:
+    return {"dice": dice_score(pred, gt), "iou": iou_score(pred, gt), "hd95": hd95(pred, gt, spacing)}
+
+
+# --- predictions on cached embeddings ----------------------------------------------------------
+
+def full_boxes(frames: Sequence[Frame]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([f.full_box() for f in frames]))
+
+
+def gt_boxes(masks: Sequence[np.ndarray], frames: Sequence[Frame]) -> torch.Tensor:
+    """The expert box: the ground-truth mask's bounding box in model pixels (full box if empty)."""
+    out = []
+    for mask, frame in zip(masks, frames):
+        box = box_from_mask(torch.from_numpy(np.asarray(mask)))
+        out.append(frame.full_box() if box is None else frame.box_to_model(box.numpy()))
+    return torch.from_numpy(np.stack(out).astype(np.float32))
+
+
+def _batched(fn: Callable[[slice], dict[str, torch.Tensor]], n: int, batch: int) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, n, batch):
+        for k, v in fn(slice(start, start + batch)).items():
+            parts.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def vanilla_logits(model: SamBackbone, emb: torch.Tensor, frames: Sequence[Frame], masks: Sequence[np.ndarray],
+                   batch: int = 8) -> dict[str, torch.Tensor]:
+    """Low-res logits of the four vanilla rows for every embedding."""
+    fb, gb = full_boxes(frames), gt_boxes(masks, frames)
+    dev = model.device
+
+    def run(sl: slice) -> dict[str, torch.Tensor]:
+        e = emb[sl].to(dev, torch.float32)
+        no, _ = model.decode(e)
+        full, _ = model.decode(e, boxes=fb[sl].to(dev))
+        sbox, _ = box_from_logits(full, fb[sl].to(dev), model.image_size)
+        selfb, _ = model.decode(e, boxes=sbox)
+        gt, _ = model.decode(e, boxes=gb[sl].to(dev))
+        return {"no_prompt": no, "full_box": full, "self_box": selfb, "gt_box": gt}
+
+    return _batched(run, emb.shape[0], batch)
+
+
+@torch.no_grad()
+def samsp_logits(model: SamBackbone, emb: torch.Tensor, frames: Sequence[Frame], batch: int = 8) -> dict[str, torch.Tensor]:
+    """Low-res logits of both SAM-SP passes (y0, y1) plus whether the fallback box was used."""
+    fb = full_boxes(frames)
+    dev = model.device
+
+    def run(sl: slice) -> dict[str, torch.Tensor]:
+        out = self_prompt(model, emb[sl].to(dev, torch.float32), fb[sl].to(dev))
+        return {"samsp_y0": out.y0, "samsp": out.y1, "fallback": out.fallback_used.float()}
+
+    return _batched(run, emb.shape[0], batch)
+
+
+def to_masks(logits: torch.Tensor, frames: Sequence[Frame]) -> list[np.ndarray]:
+    return [(logits_to_slice(lg, fr) > 0).numpy() for lg, fr in zip(logits, frames)]
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    cases: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "cases": self.cases}
+
+    def markdown(self) -> str:
+        extra = any("fp_slices" in r for r in self.rows.values())
+        head = "| row | Dice | IoU | HD95 | n |" + (" FP slices |" if extra else "")
+        sep = "|---|---|---|---|---|" + ("---|" if extra else "")
+        lines = [head, sep]
+        for name, r in self.rows.items():
+            line = f"| {name} | {r['dice']:.4f} | {r['iou']:.4f} | {r['hd95']:.2f} | {r['n']} |"
+            if extra:
+                line += f" {r.get('fp_slices', '')}/{r.get('n_negative', '')} |" if "fp_slices" in r else " – |"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def score_rows(
+    logits: dict[str, torch.Tensor],
+    frames: Sequence[Frame],
+    masks: Sequence[np.ndarray],
+    case_ids: Sequence[str],
+    spacings: Sequence[tuple[float, float]],
+) -> EvalResult:
+    """Per-case metrics on slices with a label, false-positive slice counts on those without."""
+    result = EvalResult()
+    positive = [i for i, m in enumerate(masks) if np.asarray(m).any()]
+    negative = [i for i, m in enumerate(masks) if not np.asarray(m).any()]
+    for row, lg in logits.items():
+        if row == "fallback":
+            continue
+        preds = to_masks(lg, frames)
+        per = []
+        for i in positive:
+            m = case_metrics(preds[i], np.asarray(masks[i], bool), spacings[i])
+            per.append(m)
+            result.cases.append({"case": case_ids[i], "row": row, **m})
+        summary = {k: float(np.mean([p[k] for p in per])) if per else float("nan") for k in ("dice", "iou", "hd95")}
+        summary["n"] = len(per)
+        if negative and row != "gt_box":  # no expert box exists on a slice without the structure
+            summary["fp_slices"] = int(sum(preds[i].any() for i in negative))
+            summary["n_negative"] = len(negative)
+        result.rows[row] = summary
+    return result
+
+
+def evaluate_samples(vanilla: SamBackbone, trained: dict[str, SamBackbone], samples: Sequence, cache,
+                     progress: bool = False) -> EvalResult:
+    """All rows on ``samples`` (training.data.Sample). ``trained`` maps a row prefix to a model:
+    "samsp" gives rows samsp_y0 and samsp; "samsp_alpha0" its y1; "no_self_prompt" its y0
+    (that ablation is trained and used without the second pass)."""
+    masks = [s.mask for s in samples]
+    emb, frames = cache.embed(vanilla, samples, progress=progress)
+    logits = vanilla_logits(vanilla, emb, frames, masks)
+    for name, model in trained.items():
+        # LoRA checkpoints change the encoder: the cache key (encoder fingerprint) then differs.
+        e = emb if encoder_same(vanilla, model) else cache.embed(model, samples, progress=progress)[0]
+        sp = samsp_logits(model, e, frames)
+        if name == "samsp":
+            logits.update({"samsp_y0": sp["samsp_y0"], "samsp": sp["samsp"]})
+        elif name == "no_self_prompt":
+            logits[name] = sp["samsp_y0"]
+        else:
+            logits[name] = sp["samsp"]
+    return score_rows(logits, frames, masks, [s.case_id for s in samples], [s.spacing for s in samples])
+
+
+def encoder_same(a: SamBackbone, b: SamBackbone) -> bool:
+    from .training.embedding_cache import encoder_fingerprint
+
+    return a.spec.model_id == b.spec.model_id and encoder_fingerprint(a) == encoder_fingerprint(b)

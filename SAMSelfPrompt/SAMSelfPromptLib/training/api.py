@@ -1,0 +1,160 @@
+"""The Python API hosts call to train: from a folder, a volume, or arrays (Slicer nodes).
+
+``train_samples`` is the one entry point; the others build samples and call it. It trains,
+picks the best epoch on val Dice, decides fp16 vs fp32 storage (fp16 only when val Dice moves
+by at most ``HALF_TOLERANCE``), and writes a SAM-SP checkpoint whose metadata records what
+was trained on, how, and how well.
+"""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..checkpoints import load_samsp, save_samsp
+from ..models import SamBackbone, build_model, pick_device
+from ..preprocess import Intensity
+from .data import Sample, array_samples
+from .embedding_cache import EmbeddingCache
+from .trainer import TrainConfig, TrainResult, evaluate_val
+from .trainer import train as run_training
+
+HALF_TOLERANCE = 0.002
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def base_model(checkpoint: str | Path | None, model_id: str = "litemedsam", device: str | None = None) -> SamBackbone:
+    """Vanilla backbone, or a SAM-SP checkpoint to continue from (few-shot, fine-tuning)."""
+    model = load_samsp(checkpoint)[0] if checkpoint else build_model(model_id)
+    return model.to(pick_device(device))
+
+
+def _val_dice_with(model: SamBackbone, state: dict[str, torch.Tensor], val: Sequence[Sample],
+                   cache: EmbeddingCache) -> dict[str, float]:
+    keep = {k: v.clone() for k, v in model.trainable_state().items()}
+    model.load_state_dict(state, strict=False)
+    emb, frames = cache.embed(model, val)
+    out = evaluate_val(model, val, emb, frames)
+    model.load_state_dict(keep, strict=False)
+    return out
+
+
+def train_samples(
+    train: Sequence[Sample],
+    val: Sequence[Sample] | None,
+    out: str | Path | None,
+    config: TrainConfig | None = None,
+    model: SamBackbone | None = None,
+    data_summary: dict[str, Any] | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    half: str = "auto",
+    cache: EmbeddingCache | None = None,
+    progress: bool = True,
+    extra_metadata: dict[str, Any] | None = None,
+    log=print,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Train SAM-SP and (if ``out``) save the checkpoint; returns the result and its metadata."""
+    config = config or TrainConfig()
+    cache = cache or EmbeddingCache()
+    model = model or build_model()
+    if not train:
+        raise ValueError("no training samples")
+    intensity = train[0].intensity
+    result = run_training(model, train, val, config, out_dir=work_dir, resume=resume, cache=cache,
+                          progress=progress, log=log)
+    use_half = half == "yes"
+    half_check = None
+    if half == "auto" and val and config.mode == "cpu":
+        state16 = {k: v.half().float() for k, v in result.model.trainable_state().items()}
+        half_check = _val_dice_with(result.model, state16, val, cache)
+        use_half = abs(half_check["samsp"] - result.best_val["samsp"]) <= HALF_TOLERANCE
+    meta: dict[str, Any] = {
+        "modality": intensity.modality,
+        "intensity": intensity.to_dict(),
+        "intensity_note": _intensity_note(intensity),
+        "input_size": result.model.image_size,
+        "base_model": result.model.spec.model_id,
+        "mode": config.mode,
+        "train_config": config.to_dict(),
+        "optimizer": {"name": "AdamW", "lr": config.lr, "weight_decay": config.weight_decay,
+                      "schedule": f"linear warm-up {config.warmup_steps} steps, cosine to 0"},
+        "loss": f"Dice(y1, y) + {config.alpha} * KL(y0 || y1), teacher y1 detached, KL in logit space"
+        if config.objective == "samsp" else "Dice(y0, y) only (no self-prompt ablation)",
+        "data": data_summary or {"n_train": len(train), "n_val": len(val or [])},
+        "best_epoch": result.best_epoch,
+        "val_metrics": result.best_val,
+        "history": result.history,
+        "train_seconds": round(result.seconds, 1),
+        "fp16": use_half,
+        "fp16_val_metrics": half_check,
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "empty_y0_fallback": "whole-image box",
+    }
+    if config.mode == "paper":
+        meta["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "target": "image_encoder qkv"}
+    meta.update(extra_metadata or {})
+    if out:
+        save_samsp(out, result.model, _plain(meta), half=use_half)
+        log(f"saved {out} (fp16={use_half}, best epoch {result.best_epoch}, val {result.best_val})")
+    return result, meta
+
+
+def _intensity_note(intensity: Intensity) -> str:
+    if intensity.modality == "RGB":
+        return "RGB used as is, per-image min-max to [0, 1]"
+    if intensity.low is not None:
+        return f"clip to [{intensity.low}, {intensity.high}] then per-slice min-max to [0, 1]"
+    return "per-slice min-max to [0, 1]"
+
+
+def _plain(value: Any) -> Any:
+    """Metadata must load with weights_only=True: only str/number/bool/None/list/dict."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def train_from_arrays(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    intensity: Intensity,
+    out: str | Path | None = None,
+    config: TrainConfig | None = None,
+    val_fraction: float = 0.2,
+    checkpoint: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Train from 2D arrays (e.g. the labelled slices of a user's segmentation node).
+
+    A seeded ``val_fraction`` of the slices is held out for model selection when there are
+    at least 5; fewer slices train on all and keep the last epoch.
+    """
+    samples = array_samples(images, masks, intensity)
+    config = config or TrainConfig()
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(samples))
+    n_val = int(round(len(samples) * val_fraction)) if len(samples) >= 5 else 0
+    val = [samples[i] for i in order[:n_val]]
+    tr = [samples[i] for i in order[n_val:]]
+    return train_samples(tr, val or None, out, config, base_model(checkpoint, device=device),
+                         {"source": "arrays", "n_train": len(tr), "n_val": len(val)}, progress=progress)

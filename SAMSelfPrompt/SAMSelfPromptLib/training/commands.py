@@ -1,0 +1,174 @@
+"""CLI commands ``train`` and ``evaluate``; cli.py calls ``register(subparsers)``.
+
+Each handler returns an exit code; user errors (SamSelfPromptError) are printed by the host.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..preprocess import CT_WINDOWS, ct_window
+
+DEFAULT_PH2_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "samsp_ph2_litemedsam.pt"
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="?", help="2D folder with images/, masks/ (and splits.json)")
+    p.add_argument("--image", help="3D volume (NIfTI, NRRD, ...) instead of a 2D folder")
+    p.add_argument("--label", help="label map on the same grid as --image")
+    p.add_argument("--label-id", type=int, nargs="+", default=None, help="label value(s) that make the mask")
+    p.add_argument("--ct-window", default="abdomen", choices=sorted(CT_WINDOWS), help="CT window for 3D CT input")
+    p.add_argument("--cache", help="embedding cache folder (default $SAMSELFPROMPT_CACHE or ~/.cache/samselfprompt/embeddings)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def register(subparsers) -> None:
+    t = subparsers.add_parser("train", help="train SAM-SP (cpu mode: cached embeddings; paper mode: LoRA)")
+    _data_args(t)
+    t.add_argument("--split", default="train", help="training split of a 2D folder (default train; 'all' for every image)")
+    t.add_argument("--val-split", default="val", help="model-selection split (default val; 'none' to skip)")
+    t.add_argument("--val-image", help="3D: a second volume for model selection")
+    t.add_argument("--val-label", help="3D: its label map")
+    t.add_argument("-o", "--out", required=True, help="SAM-SP checkpoint to write (.pt)")
+    t.add_argument("--mode", choices=("cpu", "paper"), default="cpu")
+    t.add_argument("--epochs", "--max-epochs", dest="epochs", type=int, default=12)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--alpha", type=float, default=1.0, help="KL weight")
+    t.add_argument("--box-jitter", type=float, default=0.1)
+    t.add_argument("--flip", action="store_true", help="flip cached embeddings (approximate augmentation)")
+    t.add_argument("--objective", choices=("samsp", "single"), default="samsp",
+                   help="single: Dice on the no-prompt pass only (the no_self_prompt ablation)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lora-rank", type=int, default=4)
+    t.add_argument("--init", help="start from this SAM-SP checkpoint instead of vanilla LiteMedSAM")
+    t.add_argument("--work-dir", help="log.jsonl and last.pt for --resume (default: OUT minus .pt + '_work')")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--half", choices=("auto", "yes", "no"), default="auto",
+                   help="store fp16 (auto: only if val Dice moves by at most 0.002)")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--fewshot-slices", type=int, nargs="+", default=None,
+                   help="3D few-shot: train only on these slice indices (k) of --image, then segment the rest")
+    t.add_argument("--segment-out", help="few-shot: write the segmented label volume here")
+    t.set_defaults(func=run_train)
+
+    e = subparsers.add_parser("evaluate", help="Dice/IoU/HD95 of vanilla prompting vs SAM-SP")
+    _data_args(e)
+    e.add_argument("--split", default=None, help="evaluate only this split of a 2D folder (default: all images)")
+    e.add_argument("--checkpoint", help=f"SAM-SP checkpoint (default: the shipped {DEFAULT_PH2_CHECKPOINT.name})")
+    e.add_argument("--alpha0-checkpoint", help="ablation: trained with alpha = 0 (row samsp_alpha0)")
+    e.add_argument("--no-self-prompt-checkpoint", help="ablation: trained without self-prompt (row no_self_prompt)")
+    e.add_argument("--json", required=True, help="write rows and per-case metrics here")
+    e.set_defaults(func=run_evaluate)
+
+
+def _cache(args):
+    from .embedding_cache import EmbeddingCache
+
+    return EmbeddingCache(args.cache)
+
+
+def _volume_samples(image: str, label: str, ids, window: str):
+    from .data import load_volume
+
+    if not ids:
+        raise SystemExit("--label-id is required with --image/--label")
+    return load_volume(image, label, ids, intensity=ct_window(window) if _is_ct(image) else None)
+
+
+def _is_ct(path: str) -> bool:
+    from .data import read_volume
+
+    arr, _ = read_volume(path, None)
+    return float(arr.min()) < -500
+
+
+def run_train(args) -> int:
+    import torch
+
+    from .api import base_model, train_samples
+    from .data import folder_ids, load_folder
+    from .trainer import TrainConfig
+
+    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    config = TrainConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+                         box_jitter=args.box_jitter, flip=args.flip, objective=args.objective, seed=args.seed,
+                         lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank))
+    t0 = time.time()
+    if args.fewshot_slices is not None:
+        from .fewshot import fewshot_command
+
+        return fewshot_command(args, config)
+    if args.image:
+        train = _volume_samples(args.image, args.label, args.label_id, args.ct_window)
+        val = _volume_samples(args.val_image, args.val_label, args.label_id, args.ct_window) if args.val_image else None
+        summary = {"source": "volume", "image": Path(args.image).name, "label": Path(args.label).name,
+                   "label_ids": args.label_id, "n_train": len(train), "n_train_with_label": sum(s.has_label for s in train),
+                   "n_val": len(val or [])}
+    else:
+        if not args.data:
+            raise SystemExit("give a 2D DATA folder or --image/--label")
+        split = None if args.split == "all" else args.split
+        train = load_folder(args.data, split)
+        val = None
+        if args.val_split != "none" and (Path(args.data) / "splits.json").is_file() and split is not None:
+            val = load_folder(args.data, args.val_split)
+        summary = {"source": "folder", "folder": Path(args.data).name, "split": args.split, "val_split": args.val_split,
+                   "n_train": len(train), "n_val": len(val or []),
+                   "train_ids": folder_ids(args.data, split) if split else None}
+    model = base_model(args.init, device=args.device)
+    work = args.work_dir or str(Path(args.out).with_suffix("")) + "_work"
+    result, meta = train_samples(train, val, args.out, config, model, summary, work_dir=work, resume=args.resume,
+                                 half=args.half, cache=_cache(args), progress=not args.no_progress)
+    print(f"trained in {time.time() - t0:.0f} s; best epoch {result.best_epoch}; val {result.best_val}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    import torch
+
+    from ..checkpoints import load_samsp
+    from ..evaluate import evaluate_samples
+    from ..models import build_model, pick_device
+    from .data import load_folder
+
+    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
+    if args.image:
+        samples = _volume_samples(args.image, args.label, args.label_id, args.ct_window)
+    elif args.data:
+        samples = load_folder(args.data, args.split)
+    else:
+        raise SystemExit("give a 2D DATA folder or --image/--label")
+    device = pick_device(args.device)
+    vanilla = build_model().to(device)
+    ckpt = args.checkpoint or str(DEFAULT_PH2_CHECKPOINT)
+    trained = {"samsp": load_samsp(ckpt)[0].to(device)}
+    if args.alpha0_checkpoint:
+        trained["samsp_alpha0"] = load_samsp(args.alpha0_checkpoint)[0].to(device)
+    if args.no_self_prompt_checkpoint:
+        trained["no_self_prompt"] = load_samsp(args.no_self_prompt_checkpoint)[0].to(device)
+    result = evaluate_samples(vanilla, trained, samples, _cache(args), progress=True)
+    print(result.markdown())
+    out = result.to_json()
+    out["checkpoint"] = ckpt
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (python -m SAMSelfPromptLib.training.commands) until cli.py wires it in."""
+    parser = argparse.ArgumentParser(prog="samselfprompt")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

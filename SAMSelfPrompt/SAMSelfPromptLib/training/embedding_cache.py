@@ -1,0 +1,129 @@
+"""Image embeddings computed once and kept on disk, for CPU-mode training and evaluation.
+
+The key hashes everything the embedding depends on: the raw pixel bytes, shape and dtype,
+the intensity handling, the model input size, the model id and the image encoder's own
+weights (so a LoRA-tuned or different encoder never reads a stale entry). Entries are
+fp16 tensors written atomically with torch.save and read with weights_only=True;
+an unreadable entry is recomputed rather than trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..checkpoints import atomic_write_bytes
+from ..models import SamBackbone
+from ..preprocess import Frame, normalize_slice, to_model_input
+from .data import Sample
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SAMSELFPROMPT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "samselfprompt" / "embeddings"
+
+
+def encoder_fingerprint(model: SamBackbone) -> str:
+    """sha256 over the image encoder's tensors (names, shapes, bytes); cached on the model."""
+    cached = getattr(model, "_encoder_fingerprint", None)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.image_encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    fp = digest.hexdigest()
+    object.__setattr__(model, "_encoder_fingerprint", fp)  # plain attribute, not a submodule
+    return fp
+
+
+def model_input(sample: Sample, image_size: int) -> tuple[torch.Tensor, Frame]:
+    """The preprocessing every path shares: intensity to [0, 1], resize, pad."""
+    return to_model_input(normalize_slice(sample.image, sample.intensity), image_size)
+
+
+def cache_key(sample: Sample, model: SamBackbone) -> str:
+    digest = hashlib.sha256()
+    pixels = sample.image if sample.image.flags["C_CONTIGUOUS"] else sample.image.copy(order="C")
+    digest.update(pixels.tobytes())
+    params = {
+        "shape": list(pixels.shape),
+        "dtype": str(pixels.dtype),
+        "intensity": sample.intensity.to_dict(),
+        "image_size": model.image_size,
+        "pixel_norm": model.spec.pixel_norm,
+        "model": model.spec.model_id,
+        "encoder": encoder_fingerprint(model),
+    }
+    digest.update(json.dumps(params, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class EmbeddingCache:
+    """A folder of <key>.pt embeddings; ``embed`` fills what is missing in encoder batches."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.pt"
+
+    def load(self, key: str) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a truncated or foreign file: recompute it
+            return None
+
+    def store(self, key: str, embedding: torch.Tensor) -> None:
+        atomic_write_bytes(self.path(key), lambda tmp: torch.save(embedding.detach().to("cpu", torch.float16).clone(), tmp))
+
+    @torch.no_grad()
+    def embed(
+        self,
+        model: SamBackbone,
+        samples: Sequence[Sample],
+        batch_size: int = 4,
+        progress: bool = False,
+        desc: str = "embedding",
+    ) -> tuple[torch.Tensor, list[Frame]]:
+        """N x 256 x 64 x 64 fp16 embeddings (CPU) and the frames of ``samples``."""
+        keys = [cache_key(s, model) for s in samples]
+        frames: list[Frame] = []
+        out: list[torch.Tensor | None] = []
+        todo: list[int] = []
+        for i, (sample, key) in enumerate(zip(samples, keys)):
+            emb = self.load(key)
+            h, w = sample.image.shape[:2]
+            frames.append(Frame(h, w, model.image_size))
+            out.append(emb)
+            if emb is None:
+                todo.append(i)
+        self.hits += len(samples) - len(todo)
+        self.misses += len(todo)
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=desc, unit="img")
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            batch = torch.stack([model_input(samples[i], model.image_size)[0] for i in chunk]).to(model.device)
+            embs = model.encode(batch).float().cpu()
+            for i, emb in zip(chunk, embs):
+                self.store(keys[i], emb)
+                out[i] = emb.to(torch.float16)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return torch.stack(out), frames  # type: ignore[arg-type]

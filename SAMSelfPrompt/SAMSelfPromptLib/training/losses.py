@@ -1,0 +1,48 @@
+"""The SAM-SP loss: Dice(y1, y) + alpha * KL(y0 || y1), with y1 the detached teacher.
+
+The KL is a pixel-wise Bernoulli KL computed in logit space. Untrained LiteMedSAM's
+no-prompt logits sit near -20; a KL on clamped probabilities has zero gradient there and
+y0 never leaves "empty". With p = sigmoid(y1) (no gradient) and q = sigmoid(y0):
+
+    KL(p || q) = sum p log(p/q) + (1-p) log((1-p)/(1-q))
+               = BCE_with_logits(y0, p) - H(p)
+
+and its gradient in y0's logit is q - p, which stays large wherever y0 is wrong.
+We write it as KL(y0 || y1) following the paper's notation (y0 is pulled toward y1);
+the direction that makes y1 the target is the one above: cross-entropy of y0 against y1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per image, averaged over the batch. logits/target: B x 1 x H x W."""
+    prob = torch.sigmoid(logits.float()).flatten(1)
+    tgt = target.float().flatten(1)
+    inter = (prob * tgt).sum(1)
+    denom = prob.sum(1) + tgt.sum(1)
+    return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
+
+
+def bernoulli_entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) = -p log p - (1-p) log(1-p), 0 at p in {0, 1}."""
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1.0 - p, 1.0 - p))
+
+
+def kl_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean pixel-wise KL(teacher || student) with the teacher detached: BCE(student, p) - H(p)."""
+    p = torch.sigmoid(teacher_logits.detach().float())
+    bce = F.binary_cross_entropy_with_logits(student_logits.float(), p, reduction="none")
+    return (bce - bernoulli_entropy(p)).mean()
+
+
+def samsp_loss(
+    y0: torch.Tensor, y1: torch.Tensor, target: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dice(y1, y) + alpha * KL; returns the loss and its parts for the log."""
+    dice = dice_loss(y1, target)
+    kl = kl_logits(y0, y1)
+    loss = dice + alpha * kl
+    return loss, {"loss": float(loss.detach()), "dice_loss": float(dice.detach()), "kl": float(kl.detach())}

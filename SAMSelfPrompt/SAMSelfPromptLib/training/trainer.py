@@ -1,0 +1,315 @@
+"""The SAM-SP trainer, in two modes that share one loop.
+
+cpu mode:   the image encoder is frozen; embeddings come from the on-disk cache, so an
+            epoch costs only decoder passes. Prompt encoder + mask decoder are trained.
+paper mode: LoRA (rank 4) on the encoder's attention qkv, prompt encoder + mask decoder
+            trained, the encoder runs every step (GPU), optionally data-parallel (DDP)
+            when launched by torchrun.
+
+Augmentation that fits cached embeddings: the embedding cannot be changed without
+re-running the encoder, so we augment the prompt side instead. The self-prompt box fed
+to pass 2 is jittered (each side moved by up to ``box_jitter`` of the box size), which
+teaches y1 to recover from the imperfect boxes y0 gives at test time. Optionally
+(``flip``) embeddings and targets are flipped together inside the valid (unpadded) area;
+this is only approximate (the encoder is not flip-equivariant) and is off by default.
+
+All randomness (shuffle, jitter, flips) is drawn per global batch from generators seeded by
+(seed, epoch), so a resumed run and a 1- vs 2-process run see the same batches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..evaluate import dice_score, full_boxes, samsp_logits, to_masks
+from ..models import SamBackbone, autocast_for
+from ..preprocess import Frame, mask_to_low_res
+from ..selfprompt import box_from_logits
+from .data import Sample
+from .embedding_cache import EmbeddingCache, model_input
+from .losses import dice_loss, samsp_loss
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "cpu"  # "cpu" (frozen encoder, cached embeddings) or "paper" (LoRA, encoder runs)
+    epochs: int = 12
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    alpha: float = 1.0  # weight of KL(y0 || y1)
+    objective: str = "samsp"  # "samsp", or "single": Dice on y0 alone (the no_self_prompt ablation)
+    box_jitter: float = 0.1
+    flip: bool = False
+    seed: int = 0
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    use_cache: bool = True  # paper mode: cache val embeddings? (no: the encoder changes)
+    num_threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: SamBackbone
+    best_epoch: int
+    best_val: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class SamSpStep(nn.Module):
+    """Both SAM-SP passes as one forward, so DDP can wrap it (it syncs on forward/backward)."""
+
+    def __init__(self, model: SamBackbone, encode: bool):
+        super().__init__()
+        self.model = model
+        self.encode = encode
+
+    def forward(self, x: torch.Tensor, fallback: torch.Tensor, jitter: torch.Tensor, limit: torch.Tensor,
+                single: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        emb = self.model.encode(x) if self.encode else x
+        y0, _ = self.model.decode(emb)
+        if single:
+            return y0, None
+        boxes, _ = box_from_logits(y0, fallback, self.model.image_size)
+        y1, _ = self.model.decode(emb, boxes=jitter_boxes(boxes, jitter, limit))
+        return y0, y1
+
+
+def jitter_boxes(boxes: torch.Tensor, jitter: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Move each side by jitter (B x 4 in [-1, 1] x fraction) of the box size, clipped to the image."""
+    w = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0)
+    h = (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
+    out = boxes + jitter.to(boxes) * torch.stack([w, h, w, h], dim=1)
+    lim = limit.to(boxes)  # B x 2: (max x, max y) of the unpadded image
+    x0 = out[:, 0].clamp(min=0.0).minimum(lim[:, 0] - 1)
+    y0 = out[:, 1].clamp(min=0.0).minimum(lim[:, 1] - 1)
+    x1 = torch.maximum(out[:, 2].minimum(lim[:, 0]), x0 + 1)
+    y1 = torch.maximum(out[:, 3].minimum(lim[:, 1]), y0 + 1)
+    return torch.stack([x0, y0, x1, y1], dim=1)
+
+
+def mark_trainable(model: SamBackbone) -> list[nn.Parameter]:
+    """Prompt encoder, mask decoder and LoRA weights train; the rest of the encoder is frozen."""
+    params = []
+    for name, p in model.named_parameters():
+        train = name.startswith(("prompt_encoder.", "mask_decoder.")) or "lora_" in name
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
+    return params
+
+
+def _flip_valid(x: torch.Tensor, frame: Frame, dim: int, full: int) -> torch.Tensor:
+    """Flip x (C x H x W) along dim inside the unpadded area only (padding stays bottom/right)."""
+    nh, nw = frame.new_hw
+    n = math.ceil((nh if dim == 1 else nw) * x.shape[dim] / full)
+    idx = torch.arange(x.shape[dim])
+    idx[:n] = idx[:n].flip(0)
+    return x.index_select(dim, idx)
+
+
+class Batches:
+    """Inputs for the loop: cached embeddings (cpu mode) or model inputs (paper mode), plus targets."""
+
+    def __init__(self, samples: Sequence[Sample], model: SamBackbone, mode: str, cache: EmbeddingCache | None,
+                 progress: bool):
+        self.frames = [Frame(s.image.shape[0], s.image.shape[1], model.image_size) for s in samples]
+        if mode == "cpu":
+            self.inputs, _ = (cache or EmbeddingCache()).embed(model, samples, progress=progress, desc="caching embeddings")
+        else:
+            self.inputs = torch.stack([model_input(s, model.image_size)[0] for s in samples]).to(torch.float16)
+        self.targets = torch.stack([mask_to_low_res(s.mask, f) for s, f in zip(samples, self.frames)])
+        self.fallback = full_boxes(self.frames)
+        self.limit = torch.tensor([[f.new_hw[1], f.new_hw[0]] for f in self.frames], dtype=torch.float32)
+        self.full = model.image_size
+
+    def get(self, idx: Sequence[int], flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for i, (fh, fv) in zip(idx, flips.tolist()):
+            x, y = self.inputs[i].float(), self.targets[i]
+            for flag, dim in ((fh, 2), (fv, 1)):
+                if flag:
+                    x = _flip_valid(x, self.frames[i], dim, self.full)
+                    y = _flip_valid(y, self.frames[i], dim, self.full)
+            xs.append(x)
+            ys.append(y)
+        return torch.stack(xs), torch.stack(ys)
+
+
+def evaluate_val(model: SamBackbone, samples: Sequence[Sample], emb: torch.Tensor, frames: Sequence[Frame]) -> dict[str, float]:
+    """Mean Dice of y1 (samsp) and y0 on the slice grid: the model-selection numbers."""
+    logits = samsp_logits(model, emb, frames)
+    out = {}
+    for row in ("samsp", "samsp_y0"):
+        preds = to_masks(logits[row], frames)
+        out[row] = float(np.mean([dice_score(p, s.mask) for p, s in zip(preds, samples)]))
+    out["fallback_rate"] = float(logits["fallback"].mean())
+    return out
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def train(
+    model: SamBackbone,
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample] | None,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    cache: EmbeddingCache | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train SAM-SP in place on ``model``; returns it with the best-val weights loaded.
+
+    Without val samples the last epoch is kept. ``out_dir`` receives log.jsonl and
+    last.pt (everything needed to resume: weights, optimizer, scheduler, epoch, best).
+    """
+    t_start = time.time()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    rank, world = _dist()
+    if config.mode == "paper":
+        from ..lora import add_lora, has_lora
+
+        if not has_lora(model):
+            add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
+    elif config.mode != "cpu":
+        raise ValueError(f"unknown training mode '{config.mode}' (cpu or paper)")
+    if config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} must be divisible by the {world} processes")
+    torch.manual_seed(config.seed)
+    device = model.device
+    model.eval()  # BatchNorm in the encoder keeps its statistics (LoRA tunes weights, not stats)
+    params = mark_trainable(model)
+    data = Batches(train_samples, model, config.mode, cache, progress and rank == 0)
+    val_emb = val_frames = None
+    if val_samples and config.mode == "cpu":
+        val_emb, val_frames = (cache or EmbeddingCache()).embed(model, val_samples, progress=progress and rank == 0,
+                                                                desc="caching val embeddings")
+    step_module: nn.Module = SamSpStep(model, encode=config.mode == "paper")
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    n = len(train_samples)
+    steps_per_epoch = max(1, n // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warm = min(config.warmup_steps, max(1, total // 10))
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine to 0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    history: list[dict[str, Any]] = []
+    best = {"epoch": -1, "val": {"samsp": -1.0}, "state": None}
+    start_epoch = 0
+    out = Path(out_dir) if out_dir else None
+    if out and resume and (out / "last.pt").is_file():
+        ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["trainable"], strict=False)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start_epoch, history = ck["epoch"] + 1, json.loads(ck["history"])
+        best = {"epoch": ck["best_epoch"], "val": json.loads(ck["best_val"]), "state": ck["best_state"] or None}
+        log(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
+
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        sums: dict[str, float] = {}
+        bar = None
+        if progress and rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False)
+        for s in range(steps_per_epoch):
+            idx = perm[s * config.batch_size:(s + 1) * config.batch_size]
+            jit = (torch.rand(len(idx), 4, generator=gen) * 2 - 1) * config.box_jitter
+            flips = (torch.rand(len(idx), 2, generator=gen) < 0.5) & config.flip
+            per = len(idx) // world  # this process's share of the global batch
+            mine = slice(rank * per, (rank + 1) * per)
+            x, y = data.get(idx[mine].tolist(), flips[mine])
+            x, y = x.to(device), y.to(device)
+            with autocast_for(device):
+                y0, y1 = step_module(x, data.fallback[idx[mine]].to(device), jit[mine].to(device),
+                                     data.limit[idx[mine]].to(device), single=config.objective == "single")
+            if y1 is None:
+                loss = dice_loss(y0, y)
+                parts = {"loss": float(loss.detach()), "dice_loss": float(loss.detach())}
+            else:
+                loss, parts = samsp_loss(y0, y1, y, config.alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if bar is not None:
+                bar.set_postfix(loss=f"{parts['loss']:.3f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        entry: dict[str, Any] = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()},
+                                 "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
+        if val_samples:
+            if config.mode == "paper":  # the encoder changed: embed val afresh (no cache)
+                with torch.no_grad(), autocast_for(device):
+                    val_emb = torch.cat([model.encode(torch.stack([model_input(s, model.image_size)[0]
+                                                                   for s in val_samples[i:i + 8]]).to(device)).float().cpu()
+                                         for i in range(0, len(val_samples), 8)])
+                val_frames = [Frame(s.image.shape[0], s.image.shape[1], model.image_size) for s in val_samples]
+            val = evaluate_val(model, val_samples, val_emb, val_frames)
+            entry["val"] = val
+            if val["samsp"] > best["val"]["samsp"]:
+                best = {"epoch": epoch + 1, "val": val,
+                        "state": {k: v.detach().cpu().clone() for k, v in model.trainable_state().items()}}
+        history.append(entry)
+        if rank == 0:
+            log(json.dumps(entry))
+            if out:
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / "log.jsonl", "a") as fh:
+                    fh.write(json.dumps(entry) + "\n")
+                _save_resume(out, model, opt, sched, epoch, history, best)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"], strict=False)
+    else:
+        best["epoch"] = len(history)
+    return TrainResult(model, int(best["epoch"]), dict(best["val"]), history, time.time() - t_start)
+
+
+def _save_resume(out: Path, model: SamBackbone, opt, sched, epoch: int, history: list, best: dict) -> None:
+    from ..checkpoints import atomic_write_bytes
+
+    payload = {
+        "trainable": {k: v.detach().cpu() for k, v in model.trainable_state().items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": epoch,
+        "history": json.dumps(history),
+        "best_epoch": int(best["epoch"]),
+        "best_val": json.dumps(best["val"]),
+        "best_state": best["state"] if best["state"] is not None else {},
+    }
+    atomic_write_bytes(out / "last.pt", lambda tmp: torch.save(payload, tmp))
