@@ -292,3 +292,20 @@ def test_user_segment_with_our_name_is_not_reused(ct_node):
     assert sid != mine and seg.GetSegmentation().GetSegment(sid).GetName() == "SAM-SP (2)"
     assert mrml.output_segment(seg, "SAM-SP") == sid  # ours (tagged) is reused next time
     assert mrml.output_segment(seg, "ignored", segment_id=mine) == mine  # the user's explicit choice
+
+
+def test_adapt_then_auto_segment_with_adapted_model(logic, ct_node, tmp_path, monkeypatch):
+    """Adapt (1 epoch, CPU mode) on a user's segment on 3 slices, then run with the saved checkpoint."""
+    monkeypatch.setenv("SAMSELFPROMPT_CACHE", str(tmp_path / "cache"))
+    from SAMSelfPromptLib.checkpoints import read_samsp
+
+    seg, user_id, _ = user_segmentation(ct_node)
+    adapt = logic.wait(logic.start_adapt([(ct_node, seg, user_id)], epochs=1, out_dir=tmp_path), timeout=900)
+    assert adapt.status == "done", adapt.error + adapt.traceback
+    path = Path(adapt.result["checkpoint"])
+    assert path.parent == tmp_path and path in logic.adapted_checkpoints
+    assert adapt.result["slices"] == 7  # the user drew slices 6..12
+    assert read_samsp(path)["base_model"] == "litemedsam"
+    run = logic.wait(logic.start_auto_segment(ct_node, checkpoint=path, slice_range=(9, 10), segment_name="adapted"))
+    assert run.status == "done", run.error
+    assert run.written == [9]

@@ -23,6 +23,9 @@ from .errors import InputError
 from .jobs import EventKind, Job, JobContext, JobEvent, Worker
 from .logic_runs import BatchRun, Run, UndoState
 
+# The backbones the widget offers (models.MODEL_SPECS, listed here so that the widget needs no torch).
+MODEL_CHOICES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 ModelKey = tuple[str, str, str]  # (model id, checkpoint path or "", requested device)
 
 

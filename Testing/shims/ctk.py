@@ -1,0 +1,1 @@
+"""Test shim: the module file needs ctk importable; no widget is built in tests."""
