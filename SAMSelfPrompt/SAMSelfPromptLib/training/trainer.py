@@ -286,12 +286,12 @@ def train(
                         "state": {k: v.detach().cpu().clone() for k, v in model.trainable_state().items()}}
         history.append(entry)
         if rank == 0:
-            log(json.dumps(entry))
-            if out:
+            if out:  # saved before logging, so an interrupt after this line loses nothing
                 out.mkdir(parents=True, exist_ok=True)
                 with open(out / "log.jsonl", "a") as fh:
                     fh.write(json.dumps(entry) + "\n")
                 _save_resume(out, model, opt, sched, epoch, history, best)
+            log(json.dumps(entry))
     if best["state"] is not None:
         model.load_state_dict(best["state"], strict=False)
     else:

@@ -1,0 +1,259 @@
+"""SAM-SP training: loss values, KL direction/detach, boxes, cache keys, overfit, resume, DDP, checkpoints."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from SAMSelfPromptLib.preprocess import Intensity
+from SAMSelfPromptLib.selfprompt import box_from_logits
+from SAMSelfPromptLib.training.data import Sample, array_samples
+from SAMSelfPromptLib.training.embedding_cache import EmbeddingCache, cache_key
+from SAMSelfPromptLib.training.losses import dice_loss, kl_logits, samsp_loss
+from SAMSelfPromptLib.training.trainer import TrainConfig, jitter_boxes, train
+
+
+# --- loss --------------------------------------------------------------------------------------
+
+def test_dice_loss_hand_values():
+    target = torch.zeros(1, 1, 2, 2)
+    target[0, 0, 0] = 1.0  # two foreground pixels
+    half = torch.zeros(1, 1, 2, 2)  # sigmoid = 0.5 everywhere: inter 1, sum p 2, sum y 2
+    assert dice_loss(half, target).item() == pytest.approx(1 - (2 * 1 + 1) / (2 + 2 + 1))
+    perfect = (target * 2 - 1) * 50
+    assert dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(-perfect, target).item() == pytest.approx(1 - 1 / 5, abs=1e-6)  # inverted: smooth 1 over 2 + 2 + 1
+
+
+def test_kl_is_bernoulli_kl_teacher_to_student():
+    y0 = torch.tensor([[-3.0, 0.5, 2.0, -20.0]])
+    y1 = torch.tensor([[1.0, -1.0, 2.0, 4.0]])
+    p, q = torch.sigmoid(y1).double(), torch.sigmoid(y0).double()
+    kl_pq = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).mean()
+    kl_qp = (q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))).mean()
+    got = kl_logits(y0, y1).item()
+    assert got == pytest.approx(kl_pq.item(), rel=1e-5)
+    assert abs(got - kl_qp.item()) > 0.1  # the other direction is a different number
+    assert kl_logits(y1, y1).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_gradient_is_q_minus_p_and_teacher_detached():
+    y0 = torch.tensor([[-20.0, -2.0, 0.0, 3.0]], requires_grad=True)
+    y1 = torch.tensor([[5.0, 1.0, -1.0, 3.0]], requires_grad=True)
+    kl_logits(y0, y1).backward()
+    expected = (torch.sigmoid(y0) - torch.sigmoid(y1)).detach() / y0.numel()
+    assert torch.allclose(y0.grad, expected, atol=1e-7)
+    assert y0.grad[0, 0].abs() > 0.2 / 4  # saturated-empty y0 still gets a strong pull (the trap)
+    assert y1.grad is None
+
+
+def test_samsp_loss_combines_dice_and_alpha_kl():
+    y0, y1 = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    tgt = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    loss0, _ = samsp_loss(y0, y1, tgt, 0.0)
+    loss2, parts = samsp_loss(y0, y1, tgt, 2.0)
+    assert loss0.item() == pytest.approx(dice_loss(y1, tgt).item())
+    assert loss2.item() == pytest.approx(parts["dice_loss"] + 2.0 * parts["kl"], rel=1e-6)
+
+
+# --- self-prompt box ----------------------------------------------------------------------------
+
+def test_box_from_logits_edge_cases():
+    lg = torch.full((3, 1, 256, 256), -20.0)
+    lg[1, 0, 10, 20] = 5.0  # one pixel at row 10, col 20
+    lg[2] = 5.0  # whole image
+    fallback = torch.tensor([[0.0, 0.0, 255.0, 191.0]]).expand(3, 4)
+    boxes, empty = box_from_logits(lg, fallback, 256)
+    assert empty.tolist() == [True, False, False]
+    assert boxes[0].tolist() == [0.0, 0.0, 255.0, 191.0]  # empty y0 -> the fallback box
+    assert boxes[1].tolist() == [20.0, 10.0, 20.0, 10.0]  # 1 low-res px = 1 model px at 256
+    assert boxes[2].tolist() == [0.0, 0.0, 255.0, 255.0]
+    boxes4, _ = box_from_logits(lg, fallback, 1024)  # SAM's 1024 input: a low-res px spans 4
+    assert boxes4[1].tolist() == [80.0, 40.0, 83.0, 43.0]
+
+
+def test_jitter_stays_inside_the_image_and_valid():
+    boxes = torch.tensor([[0.0, 0.0, 255.0, 191.0], [100.0, 50.0, 101.0, 51.0]])
+    limit = torch.tensor([[256.0, 192.0], [256.0, 192.0]])
+    for _ in range(20):
+        out = jitter_boxes(boxes, (torch.rand(2, 4) * 2 - 1) * 0.5, limit)
+        assert (out[:, 0] >= 0).all() and (out[:, 1] >= 0).all()
+        assert (out[:, 2] <= 256).all() and (out[:, 3] <= 192).all()
+        assert (out[:, 2] > out[:, 0]).all() and (out[:, 3] > out[:, 1]).all()
+
+
+# --- embedding cache -----------------------------------------------------------------------------
+
+def _disk_images(n: int, size: int = 48, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Bright disks of varying size/place on a dark noisy background: an easy, real segmentation task."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, masks = [], []
+    for _ in range(n):
+        cy, cx, r = rng.uniform(16, size - 16), rng.uniform(16, size - 16), rng.uniform(6, 12)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        img = rng.normal(40, 10, (size, size)) + 150 * mask
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+        masks.append(mask)
+    return images, masks
+
+
+def test_cache_key_tracks_content_and_preprocessing(lite_model):
+    imgs, masks = _disk_images(2)
+    a = Sample("a", imgs[0], masks[0], Intensity("generic"))
+    key = cache_key(a, lite_model)
+    assert cache_key(Sample("renamed", imgs[0].copy(), masks[1], Intensity("generic")), lite_model) == key
+    assert cache_key(Sample("a", imgs[1], masks[0], Intensity("generic")), lite_model) != key
+    assert cache_key(Sample("a", imgs[0], masks[0], Intensity("CT", -160, 240)), lite_model) != key
+    assert cache_key(Sample("a", imgs[0].astype(np.int16), masks[0], Intensity("generic")), lite_model) != key
+
+
+def test_cache_recomputes_when_preprocessing_changes(lite_model, tmp_path):
+    imgs, masks = _disk_images(1)
+    cache = EmbeddingCache(tmp_path)
+    s = Sample("a", imgs[0], masks[0], Intensity("generic"))
+    first, _ = cache.embed(lite_model, [s])
+    again, _ = cache.embed(lite_model, [s])
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert torch.equal(first, again) and first.dtype == torch.float16
+    windowed = Sample("a", imgs[0], masks[0], Intensity("generic", 60.0, 120.0))
+    other, _ = cache.embed(lite_model, [windowed])
+    assert cache.misses == 2
+    assert not torch.allclose(other.float(), first.float())
+    (next(tmp_path.rglob("*.pt"))).write_bytes(b"truncated")  # a broken entry is recomputed
+    cache.embed(lite_model, [s, windowed])
+    assert cache.misses == 3
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+def _synthetic_cache(model, samples, tmp_path, seed=0) -> EmbeddingCache:
+    """Store random embeddings under the real keys: trainer plumbing without encoder time."""
+    cache = EmbeddingCache(tmp_path / "cache")
+    g = torch.Generator().manual_seed(seed)
+    for s in samples:
+        cache.store(cache_key(s, model), torch.randn(256, 64, 64, generator=g) * 0.5)
+    return cache
+
+
+def test_tiny_overfit_really_learns(lite_model, tmp_path):
+    imgs, masks = _disk_images(4)
+    samples = array_samples(imgs, masks, Intensity("generic"))
+    model = copy.deepcopy(lite_model)
+    cache = EmbeddingCache(tmp_path)
+    cfg = TrainConfig(epochs=6, batch_size=4, lr=1e-3, warmup_steps=1, box_jitter=0.0)
+    res = train(model, samples, samples, cfg, cache=cache, progress=False, log=lambda _: None)
+    first, last = res.history[0]["val"], res.history[-1]["val"]
+    assert cache.misses == 4  # the encoder ran once per image; every later pass read the cache
+    # y0 starts empty (Dice 0) and learns to find the disks with no prompt at all.
+    assert last["samsp_y0"] > first["samsp_y0"] + 0.3
+    assert last["samsp"] >= 0.8
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+
+
+def test_resume_continues_exactly(lite_model, tmp_path):
+    imgs, masks = _disk_images(2, size=32, seed=1)
+    samples = array_samples(imgs, masks, Intensity("generic"))
+    cache = _synthetic_cache(lite_model, samples, tmp_path)
+    cfg = TrainConfig(epochs=2, batch_size=2, warmup_steps=1)
+    straight = train(copy.deepcopy(lite_model), samples, None, cfg, cache=cache, progress=False, log=lambda _: None)
+    work = tmp_path / "work"
+    _train_epochs(copy.deepcopy(lite_model), samples, cfg, work, cache, stop_after=1)  # "crash" after epoch 1
+    resumed = train(copy.deepcopy(lite_model), samples, None, cfg, out_dir=work, resume=True, cache=cache,
+                    progress=False, log=lambda _: None)
+    a, b = straight.model.trainable_state(), resumed.model.trainable_state()
+    assert len(resumed.history) == 2
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def _train_epochs(model, samples, cfg, work, cache, stop_after: int) -> None:
+    """Run ``cfg`` but abort after ``stop_after`` epochs, as a crash would (last.pt stays)."""
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def log(line: str) -> None:
+        seen.append(line)
+        if len(seen) >= stop_after:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(model, samples, None, cfg, out_dir=work, cache=cache, progress=False, log=log)
+    assert (work / "last.pt").is_file()
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_with_lora(lite_model, tmp_path):
+    from SAMSelfPromptLib.checkpoints import load_samsp, save_samsp
+    from SAMSelfPromptLib.lora import add_lora
+
+    model = add_lora(copy.deepcopy(lite_model), rank=4, alpha=4.0)
+    with torch.no_grad():  # make every trained tensor differ from the base model
+        for name, p in model.named_parameters():
+            if name.startswith(("prompt_encoder.", "mask_decoder.")) or "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.01)
+    meta = {"lora": {"rank": 4, "alpha": 4.0}, "val_metrics": {"samsp": 0.5}, "modality": "RGB"}
+    path = save_samsp(tmp_path / "m.pt", model, meta)
+    raw = torch.load(path, weights_only=True)
+    assert not any(k.startswith("image_encoder.") and "lora_" not in k for k in raw["tensors"])
+    loaded, got_meta = load_samsp(path)
+    assert got_meta == meta
+    want = model.trainable_state()
+    have = loaded.trainable_state()
+    assert set(want) == set(have) and any("lora_" in k for k in have)
+    assert all(torch.equal(want[k], have[k]) for k in want)
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode(x), loaded.encode(x), atol=1e-5)
+
+
+# --- data-parallel paper mode -----------------------------------------------------------------------
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        state = _paper_step()
+        if rank == 0:
+            torch.save(state, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _paper_step() -> dict[str, torch.Tensor]:
+    """One paper-mode step (LoRA + decoder) on a global batch of 2 tiny images."""
+    from SAMSelfPromptLib.models import build_model
+
+    imgs, masks = _disk_images(2, size=32, seed=3)
+    samples = array_samples(imgs, masks, Intensity("generic"))
+    model = build_model()
+    cfg = TrainConfig(mode="paper", epochs=1, batch_size=2, lr=1e-3, warmup_steps=1, seed=5)
+    res = train(model, samples, None, cfg, progress=False, log=lambda _: None)
+    return {k: v.detach().clone() for k, v in res.model.trainable_state().items()}
+
+
+def test_ddp_two_gloo_processes_match_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    from SAMSelfPromptLib.models import build_model
+
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    single = _paper_step()
+    base = build_model().state_dict()
+    assert set(ddp) == set(single)
+    lora_moved = [k for k in single if "lora_B" in k and single[k].abs().max() > 0]
+    assert lora_moved, "paper mode must train the LoRA adapters"
+    assert any(not torch.equal(single[k], base[k]) for k in single if k in base)
+    worst = max((ddp[k] - single[k]).abs().max().item() for k in single)
+    assert worst < 1e-5
