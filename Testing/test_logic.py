@@ -299,12 +299,17 @@ def test_adapt_then_auto_segment_with_adapted_model(logic, ct_node, tmp_path, mo
     monkeypatch.setenv("SAMSELFPROMPT_CACHE", str(tmp_path / "cache"))
     from SAMSelfPromptLib.checkpoints import read_samsp
 
-    seg, user_id, _ = user_segmentation(ct_node)
+    seg = mrml.new_segmentation_for(ct_node, "to learn from")
+    user_id = seg.GetSegmentation().AddEmptySegment("", "my organ", [0.8, 0.2, 0.2])
+    mask = np.zeros((512, 512), bool)
+    mask[200:320, 120:260] = True
+    for k in RANGE[0], RANGE[0] + 1, RANGE[0] + 2:
+        mrml.write_slice(seg, user_id, ct_node, 0, k, mask)
     adapt = logic.wait(logic.start_adapt([(ct_node, seg, user_id)], epochs=1, out_dir=tmp_path), timeout=900)
     assert adapt.status == "done", adapt.error + adapt.traceback
     path = Path(adapt.result["checkpoint"])
     assert path.parent == tmp_path and path in logic.adapted_checkpoints
-    assert adapt.result["slices"] == 7  # the user drew slices 6..12
+    assert adapt.result["slices"] == 3  # the slices the user drew
     assert read_samsp(path)["base_model"] == "litemedsam"
     run = logic.wait(logic.start_auto_segment(ct_node, checkpoint=path, slice_range=(9, 10), segment_name="adapted"))
     assert run.status == "done", run.error

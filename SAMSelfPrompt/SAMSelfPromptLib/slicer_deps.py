@@ -70,9 +70,9 @@ def plan(requirements: tuple[str, ...] = REQUIREMENTS) -> Plan:
 
 
 def ensure_dependencies(confirm: Callable[[str], bool], pip_install: Callable[[list[str]], None] | None = None,
-                        torch_logic=None) -> Plan:
+                        torch_logic=None, requirements: tuple[str, ...] = REQUIREMENTS) -> Plan:
     """Install what ``plan()`` finds missing after ``confirm(message)`` says yes (main thread only)."""
-    todo = plan()
+    todo = plan(requirements)
     if todo.empty:
         return todo
     if not confirm(todo.message()):
