@@ -69,6 +69,7 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shortcuts: list = []
         self._markups: dict[str, object] = {}
         self._timer = None
+        self._output: tuple[str | None, str | None] = (None, None)  # (segmentation id, segment id) last written
 
     # --- setup / teardown ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -169,6 +170,7 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                           segmentation_node=p.outputSegmentation, **args)
                 if not p.outputSegmentation:
                     p.outputSegmentation = slicer.mrmlScene.GetNodeByID(self._run.segmentation_id)
+                self._output = (self._run.segmentation_id, self._run.segment_id)
             self._setRunning(True)
 
     def _sliceRange(self):
@@ -202,7 +204,7 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTimer(self) -> None:
         """Main thread: apply the worker's events to MRML, then refresh progress and status."""
-        changed = self.logic.poll()
+        self.logic.poll()
         run = self._run
         if run is None:
             return
@@ -215,8 +217,6 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _summary_text(run)
             if getattr(run, "kind", None) == "adapt":
                 self._afterAdapt(run)
-        elif changed:
-            slicer.app.processEvents()
 
     # --- click correction -----------------------------------------------------------------------------
     def onPlace(self, sign: str, on: bool) -> None:
@@ -247,7 +247,7 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not (p.inputVolume and seg):
             self.ui.statusLabel.text = "Run Auto-segment first (or choose an output segmentation) before clicking."
             return
-        segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName(p.segmentName)
+        segment_id = self._targetSegment(seg)
         positive = logic_mrml.markup_points(self._markups.get("positive"))
         negative = logic_mrml.markup_points(self._markups.get("negative"))
         with slicer.util.tryWithErrorDisplay("The correction could not start.", waitCursor=True):
@@ -259,6 +259,12 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.onClearPoints()  # clicks on another slice: start over from this click next time
                 raise
             self._setRunning(True)
+
+    def _targetSegment(self, seg) -> str:
+        """The segment the last Auto-segment wrote (it may be "SAM-SP (2)"), else the named one."""
+        if self._output[0] == seg.GetID() and seg.GetSegmentation().GetSegment(self._output[1]):
+            return self._output[1]
+        return seg.GetSegmentation().GetSegmentIdBySegmentName(self._parameterNode.segmentName)
 
     def onUndo(self) -> None:
         state = self.logic.undo()

@@ -34,7 +34,6 @@ DEFAULT_COLOR = (0.95, 0.75, 0.2)
 # SNOMED CT "Tissue": Slicer's own default terminology for a segment of unknown anatomy.
 DEFAULT_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list",
                        "85756007", "SCT", "Tissue", "85756007", "SCT", "Tissue")
-_SMODE = slicer.vtkSlicerSegmentationsModuleLogic
 
 
 # --- volume node -> Volume -------------------------------------------------------------------
