@@ -234,16 +234,20 @@ class Segmenter:
             return out
 
     def _propagate(self, volume, axis, indices, intensity, options, cancel, progress) -> Iterator[SliceResult]:
-        """Seed on the slice whose self-prompted mask is largest, then carry its box outward.
+        """Seed on the slice whose first-pass mask is largest, then carry its box outward.
 
-        Each slice is prompted with the previous slice's mask box (LiteMedSAM-style);
-        a direction stops when the mask falls below ``min_area`` pixels.
+        The first pass self-prompts every slice or, when expert ``boxes`` are given, uses them
+        (slices without a box start empty). Each other slice is prompted with the previous
+        slice's mask box (LiteMedSAM-style); a slice with its own expert box keeps that result
+        and restarts the carry; a direction stops when the mask falls below ``min_area`` pixels.
         """
         vkey = volume_key(volume)
         seeds: dict[int, SliceResult] = {}
-        # First pass: self-prompt every slice (encodes and caches them all).
+        expert = options.boxes or {}
+        # First pass: self-prompt (or expert-box) every slice; this encodes and caches them all.
+        first = SegmentOptions(empty_y0=options.empty_y0, boxes=options.boxes)
         for chunk, embs, frames in self.embeddings(volume, axis, indices, intensity, options.batch_size, vkey, cancel):
-            for r in self._decode(embs, chunk, frames, SegmentOptions(empty_y0=options.empty_y0)):
+            for r in self._decode(embs, chunk, frames, first):
                 seeds[r.index] = r
         seed = max(seeds.values(), key=lambda r: int(r.mask.sum()))
         total, done = len(indices), 1
@@ -251,27 +255,31 @@ class Segmenter:
         if progress:
             progress(done, total)
         for direction in (1, -1):
-            prev = seed
+            carry = mask_box(seed.mask)  # the box the next slice is prompted with
             k = seed.index + direction
-            stopped = prev.box is None
+            stopped = carry is None
             while indices[0] <= k <= indices[-1]:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("cancelled by the user")
-                if stopped:
+                if k in expert:
+                    result, stopped = seeds[k], False
+                elif stopped:
                     result = _empty(k, None, volume, axis)
                 else:
                     (chunk, embs, frames), = list(self.embeddings(volume, axis, [k], intensity, 1, vkey))
-                    mbox = torch.as_tensor(frames[0].box_to_model(prev.box), device=embs.device)[None]
+                    mbox = torch.as_tensor(frames[0].box_to_model(carry), device=embs.device)[None]
                     with torch.no_grad():
                         logits, iou = box_prompt(self.model, embs, mbox)
-                    result = _result(k, logits[0], frames[0], prev.box, "propagated", iou)
+                    result = _result(k, logits[0], frames[0], carry, "propagated", iou)
                     if result.mask.sum() < options.min_area:
                         result, stopped = _empty(k, frames[0]), True
                 yield result
                 done += 1
                 if progress:
                     progress(done, total)
-                prev = result if result.box is not None else prev
+                if not stopped:
+                    carry = mask_box(result.mask)
+                    stopped = carry is None
                 k += direction
 
     def refine_slice(
@@ -311,6 +319,14 @@ def _empty(k: int, frame: Frame | None, volume: Volume | None = None, axis: int 
     else:
         shape = take_slice(volume.array[..., 0] if volume.is_rgb else volume.array, axis, 0).shape  # type: ignore[union-attr]
     return SliceResult(k, np.zeros(shape, bool), None, "none", 0.0, None)
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """The tight box (x0, y0, x1, y1) of a slice mask in pixel indices, None if the mask is empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
 
 
 def largest_component_3d(mask: np.ndarray) -> np.ndarray:
