@@ -204,8 +204,11 @@ def test_cleanup_3d_in_segment_volume(expert_run, segmenter, phantom):
     blob the box forces onto slice 2 when it does not touch the object in 3D."""
     volume, gt = phantom
     boxes = {0: _box(gt[0]), 2: [100, 80, 124, 92]}
+    calls = segmenter.encoder_calls
     mask, results = segment_volume(segmenter, volume, SegmentOptions(boxes=boxes, batch_size=3))
-    if not results[2].mask.any():
+    assert segmenter.encoder_calls == calls  # all cached; slice 1 has no box and is not even looked at
+    assert sorted(r.index for r in results) == [0, 1, 2] and not mask[1].any()
+    if not mask[2].any():
         pytest.skip("the model left the air slice empty; nothing for the clean-up to remove")
     cleaned, _ = segment_volume(segmenter, volume, SegmentOptions(boxes=boxes, cleanup_3d=True, batch_size=3))
     np.testing.assert_array_equal(cleaned[0], mask[0])

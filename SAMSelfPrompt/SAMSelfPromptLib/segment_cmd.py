@@ -17,7 +17,8 @@ import numpy as np
 
 from .errors import InputError, SamSelfPromptError
 from .image import Volume
-from .io import list_dicom_series, read_any, write_labelmap
+from .io import list_dicom_series, read_any, read_dicom_series, write_labelmap
+from .io.writers import OutputExistsError
 from .io.images import PICTURE_SUFFIXES, VOLUME_SUFFIXES
 from .volume import SegmentOptions, segment_volume
 
@@ -63,6 +64,10 @@ def find_cases(input_path: str | os.PathLike, series: str | None = None) -> list
         name = _safe_name(f"{s['modality']}_{label}" if s["modality"] else label)
         cases.append(Case(name, p, s["id"]))
     if not cases:
+        try:  # the DICOM reader names what it did find (e.g. only non-image DICOM such as SR or SEG)
+            read_dicom_series(p)
+        except InputError as exc:
+            raise InputError(f"{exc}; no image files ({', '.join(VOLUME_SUFFIXES + PICTURE_SUFFIXES)}) either") from None
         raise InputError(f"{p}: no DICOM series and no image files ({', '.join(VOLUME_SUFFIXES + PICTURE_SUFFIXES)})")
     # Two series may share a description: make output names unique, deterministically.
     seen: dict[str, int] = {}
@@ -123,6 +128,8 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
     from .engine import open_segmenter
 
     t0 = time.perf_counter()
+    if out_path.exists() and not args.overwrite:  # refuse before any work, not after segmenting
+        raise OutputExistsError(f"{out_path} already exists; choose another output or pass --overwrite")
     volume = read_any(case.path, case.series)
     key = (volume.is_rgb, (volume.modality or "").upper())
     if key not in opened_cache:
@@ -169,6 +176,7 @@ class _progress_bar:
 
 
 def run(args: argparse.Namespace) -> int:
+    parse_slices(args.slices)  # a malformed --slices fails before any reading or model loading
     cases = find_cases(args.input, args.series)
     part, num_parts = args.part, args.num_parts
     if part is None and num_parts is None and "WORLD_SIZE" in os.environ:  # launched by torchrun

@@ -200,7 +200,18 @@ class Segmenter:
             return
         vkey = volume_key(volume)
         done = 0
-        for chunk, embs, frames in self.embeddings(volume, axis, indices, intensity, options.batch_size, vkey, cancel):
+        if options.boxes is not None:
+            # Expert boxes: a slice without one is empty by definition, so it is never encoded.
+            for k in (k for k in indices if k not in options.boxes):
+                done += 1
+                yield _empty(k, None, volume, axis)
+                if progress:
+                    progress(done, len(indices))
+            indices_to_encode = [k for k in indices if k in options.boxes]
+        else:
+            indices_to_encode = indices
+        for chunk, embs, frames in self.embeddings(volume, axis, indices_to_encode, intensity, options.batch_size,
+                                                   vkey, cancel):
             for result in self._decode(embs, chunk, frames, options):
                 done += 1
                 yield result
