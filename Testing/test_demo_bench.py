@@ -35,7 +35,7 @@ def test_demo_writes_a_readable_segmentation(capsys, tmp_path):
 def test_bench_prints_every_line(capsys, tmp_path):
     report = tmp_path / "bench.json"
     argv = ["bench", "--device", "cpu", "--slices", "2", "--baseline-slices", "1", "--batch-size", "1",
-            "--threads", "1", "--json", str(report)]
+            "--threads", "1", "--repeat", "1", "--json", str(report)]
     assert cli.main(argv) == 0
     stdout = capsys.readouterr().out
     patterns = [

@@ -74,7 +74,9 @@ def phantom_volume(slices: int, size: int = 256, seed: int = 0) -> Volume:
     return Volume(vol.astype(np.int16), np.diag([-0.8, -0.8, 2.0, 1.0]), "CT", "bench phantom")
 
 
-def run_bench(device_name: str | None, slices: int, batch_size: int, baseline_slices: int) -> dict:
+def run_bench(device_name: str | None, slices: int, batch_size: int, baseline_slices: int,
+              repeat: int | None = None) -> dict:
+    """``repeat``: timed calls per measurement (default 3 for the encoder, 20 for the decoder)."""
     from .engine import open_segmenter
 
     device = pick_device(device_name)
@@ -88,17 +90,20 @@ def run_bench(device_name: str | None, slices: int, batch_size: int, baseline_sl
         with torch.no_grad(), autocast_for(device):
             model.encode(x)
 
-    enc_s = _time(enc, device, repeat=3) / batch_size
+    enc_repeat, dec_repeat = (3, 20) if repeat is None else (repeat, repeat)
+    dec_warmup = min(3, dec_repeat)
+    enc_s = _time(enc, device, repeat=enc_repeat) / batch_size
     emb = torch.randn(1, 256, 64, 64, device=device)
     box = torch.tensor([[40.0, 40.0, 200.0, 200.0]], device=device)
     pts = torch.tensor([[[120.0, 120.0], [60.0, 60.0]]], device=device)
     lbl = torch.tensor([[1, 0]], device=device)
     prev = torch.zeros(1, 1, 256, 256, device=device)
     with torch.no_grad():
-        dec_s = _time(lambda: model.decode(emb, boxes=box), device, repeat=20, warmup=3)
-        pair_s = _time(lambda: (model.decode(emb), model.decode(emb, boxes=box)), device, repeat=20, warmup=3)
+        dec_s = _time(lambda: model.decode(emb, boxes=box), device, repeat=dec_repeat, warmup=dec_warmup)
+        pair_s = _time(lambda: (model.decode(emb), model.decode(emb, boxes=box)), device, repeat=dec_repeat,
+                       warmup=dec_warmup)
         refine_s = _time(lambda: model.decode(emb, boxes=box, points=(pts, lbl), mask_logits=prev), device,
-                         repeat=20, warmup=3)
+                         repeat=dec_repeat, warmup=dec_warmup)
     flops = encoder_flops(seg)
     peak, peak_dtype = matmul_peak(device)
     floor_s = flops / peak
@@ -164,7 +169,7 @@ def print_report(r: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = run_bench(args.device, args.slices, args.batch_size, args.baseline_slices)
+    r = run_bench(args.device, args.slices, args.batch_size, args.baseline_slices, args.repeat)
     print_report(r)
     if args.json:
         from pathlib import Path
@@ -180,5 +185,6 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--baseline-slices", type=int, default=10, help="slices timed for the baseline")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--repeat", type=int, help="timed calls per measurement (default: 3 encoder, 20 decoder)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=run)
