@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .models import MODEL_SPECS, SamBackbone, build_model, bundled_litemedsam_path
+from .models import MODEL_SPECS, SamBackbone, build_model, bundled_litemedsam_path, load_failure_reason
 
 FORMAT = "samselfprompt-checkpoint/1"
 
@@ -80,7 +80,7 @@ def read_samsp(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read SAM-SP checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read SAM-SP checkpoint {path}: {load_failure_reason(exc)}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a SAM-SP checkpoint (expected format '{FORMAT}'); "

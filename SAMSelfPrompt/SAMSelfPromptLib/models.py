@@ -214,13 +214,23 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle with code, not a torch file at all
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_failure_reason(exc)}") from exc
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state
+
+
+def load_failure_reason(exc: BaseException) -> str:
+    """One line for the user. torch's own message for a refused pickle suggests retrying with
+    weights_only=False, which would run code from the file: never pass that advice on."""
+    text = str(exc)
+    if "weights_only" in text or "Unsupported global" in text or "Weights only load failed" in text:
+        return "the file contains Python objects other than tensors and is refused for safety (weights_only=True)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"not a complete, valid torch file ({exc.__class__.__name__}: {first[:200]})"
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
