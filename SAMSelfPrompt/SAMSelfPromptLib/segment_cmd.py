@@ -177,6 +177,10 @@ class _progress_bar:
 
 def run(args: argparse.Namespace) -> int:
     parse_slices(args.slices)  # a malformed --slices fails before any reading or model loading
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     cases = find_cases(args.input, args.series)
     part, num_parts = args.part, args.num_parts
     if part is None and num_parts is None and "WORLD_SIZE" in os.environ:  # launched by torchrun
@@ -233,6 +237,7 @@ def register(subparsers) -> None:
     p.add_argument("--part", type=int, help="this worker's part index (0-based), with --num-parts")
     p.add_argument("--num-parts", type=int, help="split the batch into this many disjoint parts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=run)
 
     s = subparsers.add_parser("series", help="list the DICOM series in a folder")
