@@ -1,0 +1,96 @@
+"""Interactive metrics: Dice after k simulated clicks, and NoC@85 / NoC@90.
+
+Each case starts from a prompt-free result (SAM-SP's y1 with its self-prompt box, or
+for the untrained baseline its whole-image-box result), then the simulated user
+(clicks.next_click, on the full-resolution slice grid) clicks up to ``max_clicks``
+times; every click is one decoder pass on the cached embedding with the box, all
+clicks so far, and the previous logits as the mask prompt.
+NoC@t is the number of clicks needed to reach Dice t, counted as ``max_clicks`` when
+it is never reached (the usual cap is 20).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .clicks import next_click
+from .models import SamBackbone
+from .preprocess import Frame, logits_to_slice
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
+
+
+@torch.no_grad()
+def click_curve(
+    model: SamBackbone, embedding: torch.Tensor, frame: Frame, gt: np.ndarray, start_logits: torch.Tensor,
+    box: torch.Tensor, max_clicks: int = 20, stop_at: float = 0.90, min_clicks: int = 5,
+) -> list[float]:
+    """Dice after 0..max_clicks clicks for one case (length max_clicks + 1).
+
+    Once Dice has reached ``stop_at`` and ``min_clicks`` are done, the remaining entries
+    repeat the last value: they no longer change any reported number, and skipping them
+    keeps evaluation fast.
+    """
+    dev = model.device
+    gt = gt.astype(bool)
+    prev = start_logits.reshape(1, 1, *start_logits.shape[-2:]).to(dev, torch.float32)
+    pred = (logits_to_slice(prev, frame) > 0).cpu().numpy()
+    curve = [_dice(pred, gt)]
+    points: list[tuple[float, float]] = []
+    labels: list[int] = []
+    emb = embedding.reshape(1, *embedding.shape[-3:]).to(dev, torch.float32)
+    box = box.reshape(1, 4).to(dev, torch.float32)
+    for k in range(1, max_clicks + 1):
+        if curve[-1] >= stop_at and k > min_clicks:
+            break
+        click = next_click(pred, gt)
+        if click is None:
+            break
+        points.append((click.x, click.y))
+        labels.append(1 if click.positive else 0)
+        coords = torch.as_tensor(frame.points_to_model(points), device=dev)[None]
+        lab = torch.tensor([labels], device=dev)
+        prev, _ = model.decode(emb, boxes=box, points=(coords, lab), mask_logits=prev)
+        pred = (logits_to_slice(prev, frame) > 0).cpu().numpy()
+        curve.append(_dice(pred, gt))
+    curve += [curve[-1]] * (max_clicks + 1 - len(curve))
+    return curve
+
+
+def noc(curve: Sequence[float], threshold: float, cap: int) -> int:
+    """Clicks needed to reach ``threshold`` (0 if the start already does), ``cap`` if never."""
+    for k, d in enumerate(curve):
+        if d >= threshold:
+            return k
+    return cap
+
+
+def summarize(curves: Sequence[Sequence[float]], max_clicks: int = 20) -> dict:
+    c = np.asarray(curves, dtype=np.float64)
+    return {
+        "dice_start": float(c[:, 0].mean()),
+        "dice_after": {str(k): float(c[:, min(k, max_clicks)].mean()) for k in (1, 3, 5)},
+        "noc85": float(np.mean([noc(row, 0.85, max_clicks) for row in c])),
+        "noc90": float(np.mean([noc(row, 0.90, max_clicks) for row in c])),
+        "n": int(c.shape[0]),
+        "max_clicks": max_clicks,
+    }
+
+
+def click_rows(
+    rows: dict[str, tuple[SamBackbone, torch.Tensor, torch.Tensor]],
+    emb: torch.Tensor, frames: Sequence[Frame], masks: Sequence[np.ndarray], max_clicks: int = 20,
+) -> dict[str, dict]:
+    """rows: name -> (model, start low-res logits N x 1 x 256 x 256, start boxes N x 4)."""
+    out = {}
+    for name, (model, start, boxes) in rows.items():
+        curves = [click_curve(model, emb[i], frames[i], masks[i], start[i], boxes[i], max_clicks)
+                  for i in range(len(frames))]
+        out[name] = summarize(curves, max_clicks)
+        out[name]["per_case"] = [[round(v, 4) for v in cv[:6]] for cv in curves]
+    return out
