@@ -88,13 +88,15 @@ def test_jitter_stays_inside_the_image_and_valid():
 
 # --- embedding cache -----------------------------------------------------------------------------
 
-def _disk_images(n: int, size: int = 48, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Bright disks of varying size/place on a dark noisy background: an easy, real segmentation task."""
+def _disk_images(n: int, size: int = 64, seed: int = 0, radius: tuple[float, float] = (4, 7)
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Small bright disks on a dark noisy background. Vanilla LiteMedSAM given the whole-image
+    box (the fallback when y0 is empty) segments far more than the disk, so Dice starts low."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     images, masks = [], []
     for _ in range(n):
-        cy, cx, r = rng.uniform(16, size - 16), rng.uniform(16, size - 16), rng.uniform(6, 12)
+        cy, cx, r = rng.uniform(12, size - 12), rng.uniform(12, size - 12), rng.uniform(*radius)
         mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
         img = rng.normal(40, 10, (size, size)) + 150 * mask
         images.append(np.clip(img, 0, 255).astype(np.uint8))
@@ -147,16 +149,15 @@ def test_tiny_overfit_really_learns(lite_model, tmp_path):
     cache = EmbeddingCache(tmp_path)
     cfg = TrainConfig(epochs=6, batch_size=4, lr=1e-3, warmup_steps=1, box_jitter=0.0)
     res = train(model, samples, samples, cfg, cache=cache, progress=False, log=lambda _: None)
-    first, last = res.history[0]["val"], res.history[-1]["val"]
+    dice = [h["val"]["samsp"] for h in res.history]
     assert cache.misses == 4  # the encoder ran once per image; every later pass read the cache
-    # y0 starts empty (Dice 0) and learns to find the disks with no prompt at all.
-    assert last["samsp_y0"] > first["samsp_y0"] + 0.3
-    assert last["samsp"] >= 0.8
-    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert dice[0] < 0.5  # one step in, the output still follows the whole-image box
+    assert max(dice[-2:]) > 0.8 and max(dice[-2:]) > dice[0] + 0.4  # six steps later it finds the disks
+    assert res.history[-1]["loss"] < res.history[0]["loss"] / 5
 
 
 def test_resume_continues_exactly(lite_model, tmp_path):
-    imgs, masks = _disk_images(2, size=32, seed=1)
+    imgs, masks = _disk_images(2, size=32, seed=1, radius=(5, 9))
     samples = array_samples(imgs, masks, Intensity("generic"))
     cache = _synthetic_cache(lite_model, samples, tmp_path)
     cfg = TrainConfig(epochs=2, batch_size=2, warmup_steps=1)
@@ -230,13 +231,16 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 
 def _paper_step() -> dict[str, torch.Tensor]:
-    """One paper-mode step (LoRA + decoder) on a global batch of 2 tiny images."""
+    """One paper-mode step (LoRA + decoder) on a global batch of 2 tiny images.
+
+    SGD, not Adam: Adam's first step is lr * sign(g), which turns float summation-order noise
+    in near-zero gradients into +-lr differences; SGD keeps the comparison about the gradients."""
     from SAMSelfPromptLib.models import build_model
 
-    imgs, masks = _disk_images(2, size=32, seed=3)
+    imgs, masks = _disk_images(2, size=32, seed=3, radius=(5, 9))
     samples = array_samples(imgs, masks, Intensity("generic"))
     model = build_model()
-    cfg = TrainConfig(mode="paper", epochs=1, batch_size=2, lr=1e-3, warmup_steps=1, seed=5)
+    cfg = TrainConfig(mode="paper", epochs=1, batch_size=2, lr=0.01, warmup_steps=1, seed=5, optimizer="sgd")
     res = train(model, samples, None, cfg, progress=False, log=lambda _: None)
     return {k: v.detach().clone() for k, v in res.model.trainable_state().items()}
 

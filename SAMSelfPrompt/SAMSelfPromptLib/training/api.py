@@ -88,7 +88,7 @@ def train_samples(
         "base_model": result.model.spec.model_id,
         "mode": config.mode,
         "train_config": config.to_dict(),
-        "optimizer": {"name": "AdamW", "lr": config.lr, "weight_decay": config.weight_decay,
+        "optimizer": {"name": "AdamW" if config.optimizer == "adamw" else "SGD (momentum 0.9)", "lr": config.lr, "weight_decay": config.weight_decay,
                       "schedule": f"linear warm-up {config.warmup_steps} steps, cosine to 0"},
         "loss": f"Dice(y1, y) + {config.alpha} * KL(y0 || y1), teacher y1 detached, KL in logit space"
         if config.objective == "samsp" else "Dice(y0, y) only (no self-prompt ablation)",
@@ -158,3 +158,23 @@ def train_from_arrays(
     tr = [samples[i] for i in order[n_val:]]
     return train_samples(tr, val or None, out, config, base_model(checkpoint, device=device),
                          {"source": "arrays", "n_train": len(tr), "n_val": len(val)}, progress=progress)
+
+
+def write_summary(checkpoint: str | Path, json_path: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The small human-readable JSON shipped beside a checkpoint: what it is and how well it did."""
+    import json
+
+    from ..checkpoints import read_samsp, sha256_of
+
+    meta = read_samsp(checkpoint)["metadata"]
+    keep = ("modality", "intensity", "intensity_note", "input_size", "base_model", "mode", "train_config", "optimizer",
+            "loss", "best_epoch", "val_metrics", "train_seconds", "fp16", "git_commit", "created", "empty_y0_fallback")
+    summary = {k: meta.get(k) for k in keep}
+    data = dict(meta.get("data", {}))
+    data.pop("train_ids", None)
+    summary["data"] = data
+    summary["file"] = Path(checkpoint).name
+    summary["sha256"] = sha256_of(checkpoint)
+    summary.update(extra or {})
+    Path(json_path).write_text(json.dumps(_plain(summary), indent=1) + "\n")
+    return summary

@@ -46,6 +46,7 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 2e-4
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9): linear in the gradients, used to compare DDP runs
     warmup_steps: int = 10
     alpha: float = 1.0  # weight of KL(y0 || y1)
     objective: str = "samsp"  # "samsp", or "single": Dice on y0 alone (the no_self_prompt ablation)
@@ -187,6 +188,7 @@ def train(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     rank, world = _dist()
+    torch.manual_seed(config.seed)  # before add_lora: the adapters' init must not depend on earlier draws
     if config.mode == "paper":
         from ..lora import add_lora, has_lora
 
@@ -196,7 +198,6 @@ def train(
         raise ValueError(f"unknown training mode '{config.mode}' (cpu or paper)")
     if config.batch_size % world:
         raise ValueError(f"batch size {config.batch_size} must be divisible by the {world} processes")
-    torch.manual_seed(config.seed)
     device = model.device
     model.eval()  # BatchNorm in the encoder keeps its statistics (LoRA tunes weights, not stats)
     params = mark_trainable(model)
@@ -207,8 +208,14 @@ def train(
                                                                 desc="caching val embeddings")
     step_module: nn.Module = SamSpStep(model, encode=config.mode == "paper")
     if world > 1:
-        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        # Unused: point embeddings, the 3 multimask heads, the IoU head. Without this flag their
+        # buckets never reduce and the others' gradients stay local (silently wrong).
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     n = len(train_samples)
     steps_per_epoch = max(1, n // config.batch_size)
     total = steps_per_epoch * config.epochs
