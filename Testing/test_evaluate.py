@@ -83,3 +83,43 @@ def test_cli_train_then_evaluate_end_to_end(tmp_path, monkeypatch):
     # gt_box is the expert anchor: on clean disks it must find them
     assert res["rows"]["gt_box"]["dice"] > 0.8
     assert res["rows"]["samsp"]["dice"] == pytest.approx(res["rows"]["samsp_alpha0"]["dice"])
+
+
+SHIPPED = "samsp_ph2_litemedsam.pt"
+
+
+def _shipped_path():
+    from SAMSelfPromptLib.training.commands import DEFAULT_PH2_CHECKPOINT
+
+    return DEFAULT_PH2_CHECKPOINT
+
+
+def test_shipped_checkpoint_is_small_safe_and_documented():
+    from SAMSelfPromptLib.checkpoints import load_samsp
+
+    path = _shipped_path()
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
+    assert all(k.startswith(("prompt_encoder.", "mask_decoder.")) for k in raw["tensors"])  # trained tensors only
+    assert all(v.dtype == torch.float16 for v in raw["tensors"].values())
+    meta = raw["metadata"]
+    assert meta["modality"] == "RGB" and meta["input_size"] == 256 and meta["mode"] == "cpu"
+    assert meta["data"]["n_train"] == 120 and meta["data"]["n_val"] == 40
+    assert meta["val_metrics_cpu"]["samsp"]["dice"] >= 0.94 and meta["val_metrics_cpu"]["samsp_y0"]["dice"] >= 0.92
+    fp16 = meta["fp16_check"]
+    assert abs(fp16["val_dice_fp32_weights"] - fp16["val_dice_fp16_weights_cpu"]) <= fp16["tolerance"]
+    model, _ = load_samsp(path)
+    assert model.image_size == 256
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_reproduces_recorded_val_dice(ph2_dir, tmp_path):
+    """40 real encoder calls (about a minute on 2 idle cores): the number in the metadata is real."""
+    from SAMSelfPromptLib.checkpoints import load_samsp
+    from SAMSelfPromptLib.evaluate import evaluate_samples
+    from SAMSelfPromptLib.models import build_model
+    from SAMSelfPromptLib.training.data import load_folder
+    from SAMSelfPromptLib.training.embedding_cache import EmbeddingCache
+
+    model, meta = load_samsp(_shipped_path())
+    res = evaluate_samples(build_model(), {"samsp": model}, load_folder(ph2_dir, "val"), EmbeddingCache())
+    assert res.rows["samsp"]["dice"] == pytest.approx(meta["recorded_val_dice"], abs=0.005)
