@@ -121,12 +121,33 @@ def run_train(args) -> int:
         summary = {"source": "folder", "folder": Path(args.data).name, "split": args.split, "val_split": args.val_split,
                    "n_train": len(train), "n_val": len(val or []),
                    "train_ids": folder_ids(args.data, split) if split else None}
-    model = base_model(args.init, device=args.device)
+    device, rank = _init_distributed(args.device)
+    model = base_model(args.init, device=device)
     work = args.work_dir or str(Path(args.out).with_suffix("")) + "_work"
-    result, meta = train_samples(train, val, args.out, config, model, summary, work_dir=work, resume=args.resume,
-                                 half=args.half, cache=_cache(args), progress=not args.no_progress)
+    result, meta = train_samples(train, val, args.out if rank == 0 else None, config, model, summary,
+                                 work_dir=work if rank == 0 else None, resume=args.resume,
+                                 half=args.half, cache=_cache(args), progress=not args.no_progress and rank == 0)
     print(f"trained in {time.time() - t0:.0f} s; best epoch {result.best_epoch}; val {result.best_val}")
     return 0
+
+
+def _init_distributed(device: str) -> tuple[str, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, one GPU per local rank (nccl),
+    or gloo on CPUs. Returns the device to use and this process's rank."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        return f"cuda:{local}", dist.get_rank()
+    return "cpu", dist.get_rank()
 
 
 def run_evaluate(args) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +54,6 @@ class TrainConfig:
     seed: int = 0
     lora_rank: int = 4
     lora_alpha: float = 4.0
-    use_cache: bool = True  # paper mode: cache val embeddings? (no: the encoder changes)
     num_threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
