@@ -94,3 +94,36 @@ def click_rows(
         out[name] = summarize(curves, max_clicks)
         out[name]["per_case"] = [[round(v, 4) for v in cv[:6]] for cv in curves]
     return out
+
+
+@torch.no_grad()
+def prompt_free_starts(model: SamBackbone, emb: torch.Tensor, frames: Sequence[Frame], vanilla: bool,
+                       batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the user starts clicking: SAM-SP's y1 and its box, or for an untrained model its
+    whole-image-box result (its best prompt-free output: its no-prompt pass is empty)."""
+    from .selfprompt import self_prompt
+
+    dev = model.device
+    full = torch.stack([torch.as_tensor(f.full_box()) for f in frames])
+    logits, boxes = [], []
+    for s in range(0, len(frames), batch):
+        e, fb = emb[s:s + batch].to(dev, torch.float32), full[s:s + batch].to(dev)
+        if vanilla:
+            lg, _ = model.decode(e, boxes=fb)
+            logits.append(lg.cpu())
+            boxes.append(fb.cpu())
+        else:
+            out = self_prompt(model, e, fb)
+            logits.append(out.y1.cpu())
+            boxes.append(out.boxes.cpu())
+    return torch.cat(logits), torch.cat(boxes)
+
+
+def clicks_markdown(rows: dict[str, dict]) -> str:
+    lines = ["| clicks row | Dice start | after 1 | after 3 | after 5 | NoC@85 | NoC@90 | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        d = r["dice_after"]
+        lines.append(f"| {name} | {r['dice_start']:.4f} | {d['1']:.4f} | {d['3']:.4f} | {d['5']:.4f} | "
+                     f"{r['noc85']:.2f} | {r['noc90']:.2f} | {r['n']} |")
+    return "\n".join(lines)

@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     t.add_argument("--objective", choices=("samsp", "single"), default="samsp",
                    help="single: Dice on the no-prompt pass only (the no_self_prompt ablation)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--click-rounds", type=int, default=0,
+                   help="click training: up to N simulated click rounds per step (cpu mode), joint with SAM-SP")
+    t.add_argument("--click-weight", type=float, default=1.0, help="weight of the click-round Dice loss")
     t.add_argument("--lora-rank", type=int, default=4)
     t.add_argument("--init", help="start from this SAM-SP checkpoint instead of vanilla LiteMedSAM")
     t.add_argument("--work-dir", help="log.jsonl and last.pt for --resume (default: OUT minus .pt + '_work')")
@@ -64,6 +67,10 @@ def register(subparsers) -> None:
     e.add_argument("--alpha0-checkpoint", help="ablation: trained with alpha = 0 (row samsp_alpha0)")
     e.add_argument("--no-self-prompt-checkpoint", help="ablation: trained without self-prompt (row no_self_prompt)")
     e.add_argument("--json", required=True, help="write rows and per-case metrics here")
+    e.add_argument("--clicks", type=int, default=0, metavar="N",
+                   help="also simulate up to N expert clicks from the prompt-free result (Dice after 1/3/5, NoC@85/90)")
+    e.add_argument("--clicks-baseline-checkpoint", action="append", default=[], metavar="NAME=FILE",
+                   help="extra SAM-SP checkpoint(s) for the click table, e.g. no_click_training=old.pt")
     e.set_defaults(func=run_evaluate)
 
 
@@ -98,7 +105,8 @@ def run_train(args) -> int:
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     config = TrainConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
                          box_jitter=args.box_jitter, flip=args.flip, objective=args.objective, seed=args.seed,
-                         lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank))
+                         lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank),
+                         click_rounds=args.click_rounds, click_weight=args.click_weight)
     t0 = time.time()
     if args.fewshot_slices is not None:
         from .fewshot import fewshot_command
@@ -177,10 +185,31 @@ def run_evaluate(args) -> int:
     print(result.markdown())
     out = result.to_json()
     out["checkpoint"] = ckpt
+    if args.clicks:
+        out["clicks"], out["clicks_rows"] = _click_metrics(args, vanilla, trained["samsp"], samples, device)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _click_metrics(args, vanilla, samsp, samples, device) -> tuple[dict, dict]:
+    """Rows: the untrained model (baseline), the evaluated checkpoint, and any named extras."""
+    from ..checkpoints import load_samsp
+    from ..evaluate_clicks import click_rows, clicks_markdown, prompt_free_starts
+
+    emb, frames = _cache(args).embed(vanilla, samples, progress=True)
+    models = {"vanilla": vanilla, "samsp": samsp}
+    for spec in args.clicks_baseline_checkpoint:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--clicks-baseline-checkpoint expects NAME=FILE, got '{spec}'")
+        models[name] = load_samsp(path)[0].to(device)
+    rows = {name: (m, *prompt_free_starts(m, emb, frames, vanilla=name == "vanilla")) for name, m in models.items()}
+    table = click_rows(rows, emb, frames, [s.mask for s in samples], max_clicks=args.clicks)
+    print(clicks_markdown(table))
+    summary = {k: v for k, v in table["samsp"].items() if k != "per_case"}
+    return summary, table
 
 
 def main(argv=None) -> int:

@@ -55,6 +55,11 @@ class TrainConfig:
     lora_rank: int = 4
     lora_alpha: float = 4.0
     num_threads: int | None = None
+    # Click training (cpu mode): up to this many simulated click rounds per step, each refining the
+    # previous round's logits with the SAM-SP box, the clicks so far and the previous logits as mask
+    # prompt; their Dice loss is added with click_weight. 0 = plain SAM-SP.
+    click_rounds: int = 0
+    click_weight: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +104,22 @@ def jitter_boxes(boxes: torch.Tensor, jitter: torch.Tensor, limit: torch.Tensor)
     x1 = torch.maximum(out[:, 2].minimum(lim[:, 0]), x0 + 1)
     y1 = torch.maximum(out[:, 3].minimum(lim[:, 1]), y0 + 1)
     return torch.stack([x0, y0, x1, y1], dim=1)
+
+
+def _add_click_loss(model: SamBackbone, emb: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, y: torch.Tensor,
+                    fallback: torch.Tensor, rounds: int, weight: float, loss: torch.Tensor,
+                    parts: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """SAM-SP loss + weight * mean Dice loss over simulated click rounds started from y1.
+
+    The refinement keeps the un-jittered self-prompt box, as inference does.
+    """
+    from ..clicks import simulate_refinement
+
+    boxes, _ = box_from_logits(y0.detach(), fallback, model.image_size)
+    refined = simulate_refinement(model, emb, boxes, y1, y, rounds)
+    click = torch.stack([dice_loss(r, y) for r in refined]).mean()
+    total = loss + weight * click
+    return total, {**parts, "loss": float(total.detach()), "click_dice_loss": float(click.detach())}
 
 
 def mark_trainable(model: SamBackbone) -> list[nn.Parameter]:
@@ -194,6 +215,8 @@ def train(
             add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
     elif config.mode != "cpu":
         raise ValueError(f"unknown training mode '{config.mode}' (cpu or paper)")
+    if config.click_rounds and (config.mode != "cpu" or world > 1 or config.objective != "samsp"):
+        raise ValueError("click training runs in single-process cpu mode with the samsp objective")
     if config.batch_size % world:
         raise ValueError(f"batch size {config.batch_size} must be divisible by the {world} processes")
     device = model.device
@@ -264,6 +287,10 @@ def train(
                 parts = {"loss": float(loss.detach()), "dice_loss": float(loss.detach())}
             else:
                 loss, parts = samsp_loss(y0, y1, y, config.alpha)
+                if config.click_rounds:
+                    rounds = int(torch.randint(1, config.click_rounds + 1, (1,), generator=gen))
+                    loss, parts = _add_click_loss(model, x, y0, y1, y, data.fallback[idx[mine]].to(device),
+                                                  rounds, config.click_weight, loss, parts)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
