@@ -78,7 +78,7 @@ def simulate_refinement(
     Returns the logits of every round.
     """
     scale = model.image_size / LOW_RES
-    prev = start_logits.detach()
+    prev = start_logits.detach().float()  # autocast may hand over bf16; the mask prompt convs are fp32
     clicks: list[list[Click]] = [[] for _ in range(embeddings.shape[0])]
     target_np = targets[:, 0].detach().cpu().numpy() > 0.5
     outputs = []
@@ -91,5 +91,5 @@ def simulate_refinement(
         coords, labels = clicks_to_prompt(clicks, scale, embeddings.device)
         logits, _ = model.decode(embeddings, boxes=boxes, points=(coords, labels), mask_logits=prev)
         outputs.append(logits)
-        prev = logits.detach()
+        prev = logits.detach().float()
     return outputs
