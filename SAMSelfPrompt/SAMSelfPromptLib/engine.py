@@ -26,6 +26,11 @@ class ShippedModel:
     modality: str  # "RGB", "CT", ...
     summary: dict
 
+    @property
+    def role(self) -> str:
+        """"auto" (the prompt-free default) or "clicks" (click-trained, used for corrections)."""
+        return str(self.summary.get("role", "auto"))
+
 
 def shipped_models() -> list[ShippedModel]:
     """Every SAM-SP checkpoint shipped in weights/ (a .pt with a .json summary beside it)."""
@@ -41,7 +46,7 @@ def shipped_models() -> list[ShippedModel]:
 
 def default_checkpoint(modality: str | None, is_rgb: bool) -> Path | None:
     """The shipped SAM-SP model for this kind of image: dermoscopy for RGB, CT for the rest."""
-    models = shipped_models()
+    models = [m for m in shipped_models() if m.role == "auto"]
     want = "RGB" if is_rgb else (modality or "CT").upper()
     for m in models:
         if m.modality == want:
@@ -50,6 +55,19 @@ def default_checkpoint(modality: str | None, is_rgb: bool) -> Path | None:
         for m in models:
             if m.modality == "CT":
                 return m.path
+    return None
+
+
+def click_model_for(model_id: str, metadata: dict, modality: str | None, is_rgb: bool):
+    """The shipped click-trained model for this kind of image, if it can share the encoder."""
+    if metadata.get("lora"):
+        return None  # a LoRA-tuned encoder makes different embeddings than the click model's base
+    want = "RGB" if is_rgb else (modality or "CT").upper()
+    for m in shipped_models():
+        if m.role == "clicks" and m.modality == want:
+            model, meta = load_samsp(m.path)
+            if model.spec.model_id == model_id and not meta.get("lora"):
+                return model
     return None
 
 
@@ -75,7 +93,8 @@ def open_segmenter(
     if checkpoint is not None:
         model, meta = load_samsp(checkpoint, weights)
         desc = f"SAM-SP checkpoint {Path(checkpoint).name} (base {model.spec.model_id})"
-        return OpenedModel(Segmenter(model, device, meta), desc, True)
+        refiner = None if meta.get("role") == "clicks" else click_model_for(model.spec.model_id, meta, modality, is_rgb)
+        return OpenedModel(Segmenter(model, device, meta, refiner), desc, True)
     model = build_model(model_id, weights)
     print(f"note: no SAM-SP checkpoint for this input; vanilla {model.spec.title} prompted with the whole image",
           file=sys.stderr)

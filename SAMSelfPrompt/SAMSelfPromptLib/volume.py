@@ -129,9 +129,15 @@ def volume_key(volume: Volume) -> str:
 class Segmenter:
     """A warm model on its device plus an embedding cache; segments volumes slice by slice."""
 
-    def __init__(self, model: SamBackbone, device: str | torch.device | None = None, metadata: dict | None = None):
+    def __init__(self, model: SamBackbone, device: str | torch.device | None = None, metadata: dict | None = None,
+                 refiner: SamBackbone | None = None):
         self.device = pick_device(str(device) if device is not None else None)
         self.model = model.to(self.device).eval()
+        # An optional click-trained SAM-SP model for refine_slice. It must share the image encoder
+        # (same frozen base, no LoRA), so the cached embeddings serve both models.
+        if refiner is not None and refiner.spec.model_id != model.spec.model_id:
+            raise InputError(f"click model base {refiner.spec.model_id} differs from {model.spec.model_id}")
+        self.refiner = refiner.to(self.device).eval() if refiner is not None else None
         self.metadata = metadata or {}
         self.cache = EmbeddingCache()
         self.encoder_calls = 0  # slices actually encoded; tests use it to prove cache reuse
@@ -313,7 +319,7 @@ class Segmenter:
             box = torch.as_tensor(frame.box_to_model(previous.box), device=embs.device)[None]
         prev_logits = previous.logits.to(embs.device) if previous is not None and previous.logits is not None else None
         with torch.no_grad():
-            logits, iou = refine(self.model, embs, box, prev_logits, coords, labels)
+            logits, iou = refine(self.refiner or self.model, embs, box, prev_logits, coords, labels)
         src = previous.box_source if previous is not None else "none"
         return _result(k, logits[0], frame, previous.box if previous is not None else None, src, iou)
 
