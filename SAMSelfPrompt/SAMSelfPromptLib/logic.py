@@ -55,8 +55,14 @@ class SAMSelfPromptLogic:
 
             if ctx:
                 ctx.emit(EventKind.MESSAGE, f"Loading model {model}...")
+            from .engine import click_model_for
+
             net, meta = load_model(model, checkpoint, ctx)
-            self._segmenters[key] = Segmenter(net, None if device == "auto" else device, meta)
+            # Corrections use the shipped click-trained model of the same modality when there is one.
+            modality = str((meta.get("intensity") or {}).get("modality") or meta.get("modality") or "")
+            refiner = None if meta.get("role") == "clicks" or not modality else click_model_for(
+                net.spec.model_id, meta, modality, modality == "RGB")
+            self._segmenters[key] = Segmenter(net, None if device == "auto" else device, meta, refiner)
         return self._segmenters[key]
 
     @staticmethod
