@@ -20,6 +20,7 @@ from .image import Volume
 from .io import list_dicom_series, read_any, read_dicom_series, write_labelmap
 from .io.writers import OutputExistsError
 from .io.images import PICTURE_SUFFIXES, VOLUME_SUFFIXES
+from .io.writers import full_suffix as _suffix
 from .volume import SegmentOptions, segment_volume
 
 OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".dcm")
@@ -30,14 +31,6 @@ class Case:
     name: str
     path: Path
     series: str | None = None  # DICOM series id inside a folder
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for s in (".nii.gz", ".seg.nrrd"):
-        if name.endswith(s):
-            return s
-    return path.suffix.lower()
 
 
 def _safe_name(text: str) -> str:

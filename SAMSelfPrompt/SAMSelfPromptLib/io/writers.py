@@ -22,7 +22,8 @@ class OutputExistsError(SamSelfPromptError, FileExistsError):
     """The output file exists and overwriting was not requested."""
 
 
-def _full_suffix(path: Path) -> str:
+def full_suffix(path: Path) -> str:
+    """The file type, counting the double suffixes .seg.nrrd and .nii.gz as one."""
     name = path.name.lower()
     for double in (".seg.nrrd", ".nii.gz"):
         if name.endswith(double):
@@ -37,7 +38,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another name or pass overwrite=True")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=_full_suffix(out))
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=full_suffix(out))
     os.close(fd)
     try:
         write(tmp)
@@ -139,7 +140,7 @@ def write_labelmap(path: str | os.PathLike, labelmap: np.ndarray, ijk_to_ras: np
                    segments: Sequence[dict] | None = None, source_files: Sequence[str] | None = None,
                    overwrite: bool = False, **dicom_kwargs) -> Path:
     """Write by suffix: .seg.nrrd, .nii/.nii.gz, .nrrd/.nhdr/.mha, or .dcm (DICOM-SEG, needs source_files)."""
-    suffix = _full_suffix(Path(path))
+    suffix = full_suffix(Path(path))
     if suffix == ".seg.nrrd":
         return write_seg_nrrd(path, labelmap, ijk_to_ras, segments, overwrite)
     if suffix in (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha"):
