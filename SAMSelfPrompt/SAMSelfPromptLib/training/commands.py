@@ -22,7 +22,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", help="label map on the same grid as --image")
     p.add_argument("--label-id", type=int, nargs="+", default=None, help="label value(s) that make the mask")
     p.add_argument("--ct-window", default="abdomen", choices=sorted(CT_WINDOWS), help="CT window for 3D CT input")
-    p.add_argument("--cache", help="embedding cache folder (default $SAMSELFPROMPT_CACHE or ~/.cache/samselfprompt/embeddings)")
+    p.add_argument("--cache", help="embedding cache folder (default $SAMSELFPROMPT_CACHE/embeddings, or ~/.cache/samselfprompt/embeddings)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 

@@ -23,8 +23,9 @@ from .data import Sample
 
 
 def default_cache_dir() -> Path:
+    # One cache root for the project (weights downloads live beside it, see download.cache_dir).
     env = os.environ.get("SAMSELFPROMPT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "samselfprompt" / "embeddings"
+    return (Path(env) if env else Path.home() / ".cache" / "samselfprompt") / "embeddings"
 
 
 def encoder_fingerprint(model: SamBackbone) -> str:
