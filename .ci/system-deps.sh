@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# System tools the tests use for real: dciodvfy (DICOM-SEG validation) and Debian chromium
-# (the web app's browser test). Installed with apt when missing; fails loudly otherwise.
+# System tools the tests use for real: dciodvfy (dicom3tools) validates DICOM-SEG output, dcmtk
+# reads it back. Installed with apt when missing; fails loudly otherwise.
 set -euo pipefail
 need=()
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v dcmdump  >/dev/null 2>&1 || need+=(dcmtk)
-[ -x /usr/bin/chromium ] || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing system packages: ${need[*]}"
 if [ "$(id -u)" -ne 0 ]; then
