@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# System tools the tests use for real: dciodvfy (dicom3tools) validates DICOM-SEG output, dcmtk
-# reads it back. Installed with apt when missing; fails loudly otherwise.
+# System tools the tests use for real: dciodvfy (dicom3tools) validates the DICOM-SEG output.
+# Installed with apt when missing; fails loudly otherwise.
 set -euo pipefail
 need=()
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
-command -v dcmdump  >/dev/null 2>&1 || need+=(dcmtk)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing system packages: ${need[*]}"
 if [ "$(id -u)" -ne 0 ]; then
