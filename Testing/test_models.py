@@ -207,6 +207,49 @@ def test_decode_matches_segment_anything_mask_decoder(lite_model):
         torch.testing.assert_close(got_iou, want_iou, atol=1e-4, rtol=0)
 
 
+def test_fast_mask_head_matches_the_modules_forward_and_backward(lite_model):
+    """decode() runs the output head as matrix products; values and all gradients must equal SAM's modules."""
+    import copy
+
+    from SAMSelfPromptLib.mask_head import head_matches, upscaled_logits
+
+    up = copy.deepcopy(lite_model.mask_decoder.output_upscaling).requires_grad_(True)
+    assert head_matches(up)
+    gen = torch.Generator().manual_seed(4)
+    b, h, w = 2, 6, 5  # non-square, so a row/column mix-up cannot hide
+    tokens = torch.randn(b, h * w, 256, generator=gen, requires_grad=True)
+    hyper = torch.randn(b, 32, generator=gen, requires_grad=True)
+    fast = upscaled_logits(up, tokens, hyper, h, w)
+    grid = up(tokens.transpose(1, 2).reshape(b, 256, h, w))
+    ref = (hyper.unsqueeze(1) @ grid.reshape(b, 32, -1)).reshape(b, 1, 4 * h, 4 * w)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    upstream = torch.randn(fast.shape, generator=gen)
+    wrt = [tokens, hyper, *up.parameters()]
+    for got, want in zip(torch.autograd.grad(fast, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
+def test_other_output_heads_run_through_their_modules(lite_model):
+    import copy
+
+    from SAMSelfPromptLib.mask_head import head_matches
+
+    up = copy.deepcopy(lite_model.mask_decoder.output_upscaling)
+    up[2] = torch.nn.ReLU()
+    assert not head_matches(up)
+    assert not head_matches(up[:4])
+    model = copy.deepcopy(lite_model)
+    model.mask_decoder.output_upscaling[4] = torch.nn.GELU(approximate="tanh")
+    emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=None)
+        want, _ = model.mask_decoder(image_embeddings=emb, image_pe=model.prompt_encoder.get_dense_pe(),
+                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                     multimask_output=False)
+        got, _ = model.decode(emb)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 # --- accuracy with a box prompt -------------------------------------------------------------
 
 def _ellipsoid_phantom(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

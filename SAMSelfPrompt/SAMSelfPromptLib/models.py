@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from .errors import CheckpointError
+from .mask_head import head_matches, upscaled_logits
 
 EMBED_DIM = 256
 EMBED_HW = 64
@@ -80,11 +81,15 @@ class SamBackbone(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's pixel normalisation of B x 3 x S x S images in [0, 1]."""
+        if self.spec.pixel_norm == "sam":
+            return (images * 255.0 - self.pixel_mean) / self.pixel_std
+        return images
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images: B x 3 x S x S in [0, 1] (already padded) -> B x 256 x 64 x 64."""
-        if self.spec.pixel_norm == "sam":
-            images = (images * 255.0 - self.pixel_mean) / self.pixel_std
-        return self.image_encoder(images)
+        return self.image_encoder(self.normalize(images))
 
     def decode(
         self,
@@ -122,10 +127,13 @@ class SamBackbone(nn.Module):
         hs, src = dec.transformer(src, pos, tokens)
         iou_token_out = hs[:, 0, :]
         mask_token_out = hs[:, 1, :]  # token 0 of the mask tokens: the single-mask output
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper = dec.output_hypernetworks_mlps[0](mask_token_out)
-        bu, cu, hu, wu = upscaled.shape
-        logits = (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
+        if head_matches(dec.output_upscaling):
+            logits = upscaled_logits(dec.output_upscaling, src, hyper, h, w)
+        else:
+            upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+            bu, cu, hu, wu = upscaled.shape
+            logits = (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
         iou = dec.iou_prediction_head(iou_token_out)[:, :1]
         return logits, iou
 

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from ..checkpoints import atomic_write_bytes
+from ..frozen_encoder import encoder_for
 from ..models import SamBackbone
 from ..preprocess import Frame, normalize_slice, to_model_input
 from .data import Sample
@@ -116,10 +117,11 @@ class EmbeddingCache:
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc=desc, unit="img")
+        encode = encoder_for(model, len(todo)) if todo else model.encode
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             batch = torch.stack([model_input(samples[i], model.image_size)[0] for i in chunk]).to(model.device)
-            embs = model.encode(batch).float().cpu()
+            embs = encode(batch).float().cpu()
             for i, emb in zip(chunk, embs):
                 self.store(keys[i], emb)
                 out[i] = emb.to(torch.float16)
