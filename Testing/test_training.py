@@ -160,7 +160,7 @@ def test_tiny_overfit_really_learns(lite_model, tmp_path):
     samples = array_samples(imgs, masks, Intensity("generic"))
     model = copy.deepcopy(lite_model)
     cache = EmbeddingCache(tmp_path)
-    cfg = TrainConfig(epochs=6, batch_size=4, lr=1e-3, warmup_steps=1, box_jitter=0.0)
+    cfg = TrainConfig(epochs=6, batch_size=4, lr=1e-3, warmup_steps=1, box_jitter=0.0, val_from=1)
     res = train(model, samples, samples, cfg, cache=cache, progress=False, log=lambda _: None)
     dice = [h["val"]["samsp"] for h in res.history]
     assert cache.misses == 4  # the encoder ran once per image; every later pass read the cache
@@ -182,6 +182,19 @@ def test_resume_continues_exactly(lite_model, tmp_path):
     a, b = straight.model.trainable_state(), resumed.model.trainable_state()
     assert len(resumed.history) == 2
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_model_selection_scores_the_second_half_by_default(lite_model, tmp_path):
+    imgs, masks = _disk_images(2, size=32, seed=2, radius=(5, 9))
+    samples = array_samples(imgs, masks, Intensity("generic"))
+    cache = _synthetic_cache(lite_model, samples, tmp_path)
+    scored = {}
+    for val_from in (0, 1, 9):
+        cfg = TrainConfig(epochs=4, batch_size=2, warmup_steps=1, val_from=val_from)
+        res = train(copy.deepcopy(lite_model), samples, samples, cfg, cache=cache, progress=False, log=lambda _: None)
+        scored[val_from] = [h["epoch"] for h in res.history if "val" in h]
+        assert res.best_epoch in scored[val_from]
+    assert scored == {0: [3, 4], 1: [1, 2, 3, 4], 9: [4]}  # a late start still scores the last epoch
 
 
 def _train_epochs(model, samples, cfg, work, cache, stop_after: int) -> None:

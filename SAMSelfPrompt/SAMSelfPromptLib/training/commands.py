@@ -36,7 +36,10 @@ def register(subparsers) -> None:
     t.add_argument("--val-label", help="3D: its label map")
     t.add_argument("-o", "--out", required=True, help="SAM-SP checkpoint to write (.pt)")
     t.add_argument("--mode", choices=("cpu", "paper"), default="cpu")
-    t.add_argument("--epochs", "--max-epochs", dest="epochs", type=int, default=12)
+    t.add_argument("--epochs", "--max-epochs", dest="epochs", type=int, default=None,
+                   help="training epochs (default: the trainer's, 8)")
+    t.add_argument("--val-from", type=int, default=0, metavar="EPOCH",
+                   help="first epoch scored on val for model selection (default 0: the second half; 1: every epoch)")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--alpha", type=float, default=1.0, help="KL weight")
@@ -103,10 +106,10 @@ def run_train(args) -> int:
     from .trainer import TrainConfig
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
-    config = TrainConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+    config = TrainConfig(mode=args.mode, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
                          box_jitter=args.box_jitter, flip=args.flip, objective=args.objective, seed=args.seed,
                          lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank),
-                         click_rounds=args.click_rounds, click_weight=args.click_weight)
+                         click_rounds=args.click_rounds, click_weight=args.click_weight, val_from=args.val_from)
     t0 = time.time()
     if args.fewshot_slices is not None:
         from .fewshot import fewshot_command

@@ -103,13 +103,15 @@ class EmbeddingCache:
         frames: list[Frame] = []
         out: list[torch.Tensor | None] = []
         todo: list[int] = []
+        first: dict[str, int] = {}  # a sample listed twice (e.g. train = val) is encoded once
         for i, (sample, key) in enumerate(zip(samples, keys)):
-            emb = self.load(key)
+            emb = self.load(key) if key not in first else None
             h, w = sample.image.shape[:2]
             frames.append(Frame(h, w, model.image_size))
             out.append(emb)
-            if emb is None:
+            if emb is None and key not in first:
                 todo.append(i)
+            first.setdefault(key, i)
         self.hits += len(samples) - len(todo)
         self.misses += len(todo)
         bar = None
@@ -129,4 +131,5 @@ class EmbeddingCache:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
+        out = [emb if emb is not None else out[first[key]] for emb, key in zip(out, keys)]
         return torch.stack(out), frames  # type: ignore[arg-type]
