@@ -22,6 +22,7 @@ from .jobs import EventKind, JobContext
 def training_pairs(pairs: Sequence[tuple[Any, Any, str]], axis: str | int = "auto") -> list[tuple[list, list, Any]]:
     """[(images, masks, intensity)] per volume: every slice where the segment has voxels."""
     from .preprocess import guess_intensity
+    from .slice_orientation import SliceOrientation
     from .volume import resolve_axis, take_slice
 
     out = []
@@ -32,9 +33,11 @@ def training_pairs(pairs: Sequence[tuple[Any, Any, str]], axis: str | int = "aut
         ax = resolve_axis(volume, axis)
         mask = mrml.segment_array(segmentation_node, segment_id, volume_node)
         labelled = [k for k in range(mask.shape[ax]) if take_slice(mask, ax, k).any()]
+        # The view the Segmenter shows the model, so the adapted model meets its training view.
+        view = SliceOrientation.for_volume(volume, ax).to_canonical
         if labelled:
-            out.append(([take_slice(volume.array, ax, k) for k in labelled],
-                        [take_slice(mask, ax, k).astype(bool) for k in labelled],
+            out.append(([view(take_slice(volume.array, ax, k)) for k in labelled],
+                        [view(take_slice(mask, ax, k).astype(bool)) for k in labelled],
                         guess_intensity(volume.array, volume.modality)))
     if not out:
         raise InputError("the chosen segment is empty: draw or correct it on a few slices first")

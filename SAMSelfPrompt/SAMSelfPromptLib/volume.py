@@ -20,6 +20,7 @@ from .image import Volume
 from .models import SamBackbone, autocast_for, pick_device
 from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
 from .selfprompt import box_prompt, refine, self_prompt
+from .slice_orientation import SliceOrientation
 
 AXIS_NAMES = {"K": 0, "J": 1, "I": 2}
 # Which RAS axis a named anatomical plane's slices are stacked along.
@@ -78,7 +79,8 @@ class SliceResult:
     box: np.ndarray | None  # the prompt box in slice pixels (x0, y0, x1, y1), None if no object
     box_source: str  # "self", "fallback", "expert", "propagated", "none"
     iou: float
-    logits: torch.Tensor | None = field(default=None, repr=False)  # 1x1x256x256, for refinement
+    # 1x1x256x256 low-res logits of the canonical view (see slice_orientation), for refinement
+    logits: torch.Tensor | None = field(default=None, repr=False)
 
 
 class EmbeddingCache:
@@ -156,6 +158,7 @@ class Segmenter:
 
     def _slice_input(self, volume: Volume, axis: int, k: int, intensity: Intensity) -> tuple[torch.Tensor, Frame]:
         pixels = volume.array[0] if volume.is_rgb else take_slice(volume.array, axis, k)
+        pixels = SliceOrientation.for_volume(volume, axis).to_canonical(pixels)  # as in training
         return to_model_input(normalize_slice(pixels, intensity), self.model.image_size)
 
     def embeddings(
@@ -201,6 +204,7 @@ class Segmenter:
             raise InputError(f"slice range [{start}, {stop}) is outside the volume's {n} slices along axis {axis}")
         indices = list(range(start, stop))
         intensity = self.intensity_for(volume, options)
+        orient = SliceOrientation.for_volume(volume, axis)
         if options.propagate:
             yield from self._propagate(volume, axis, indices, intensity, options, cancel, progress)
             return
@@ -210,7 +214,7 @@ class Segmenter:
             # Expert boxes: a slice without one is empty by definition, so it is never encoded.
             for k in (k for k in indices if k not in options.boxes):
                 done += 1
-                yield _empty(k, None, volume, axis)
+                yield _empty(k, None, volume=volume, axis=axis)
                 if progress:
                     progress(done, len(indices))
             indices_to_encode = [k for k in indices if k in options.boxes]
@@ -218,13 +222,15 @@ class Segmenter:
             indices_to_encode = indices
         for chunk, embs, frames in self.embeddings(volume, axis, indices_to_encode, intensity, options.batch_size,
                                                    vkey, cancel):
-            for result in self._decode(embs, chunk, frames, options):
+            for result in self._decode(embs, chunk, frames, options, orient):
                 done += 1
                 yield result
                 if progress:
                     progress(done, len(indices))
 
-    def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], options: SegmentOptions) -> list[SliceResult]:
+    def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], options: SegmentOptions,
+                orient: SliceOrientation) -> list[SliceResult]:
+        """Frames are of the canonical view; boxes in and masks/boxes out are on the stored grid."""
         dev = embs.device
         with torch.no_grad():
             if options.boxes is not None:
@@ -232,22 +238,24 @@ class Segmenter:
                 for j, k in enumerate(chunk):
                     box = options.boxes.get(k)
                     if box is None:
-                        out.append(_empty(k, frames[j]))
+                        out.append(_empty(k, frames[j], orient))
                         continue
-                    mbox = torch.as_tensor(frames[j].box_to_model(box), device=dev)[None]
+                    cbox = orient.box_to_canonical(box, orient.stored_shape((frames[j].h, frames[j].w)))
+                    mbox = torch.as_tensor(frames[j].box_to_model(cbox), device=dev)[None]
                     logits, iou = box_prompt(self.model, embs[j:j + 1], mbox)
-                    out.append(_result(k, logits[0], frames[j], np.asarray(box, np.float32), "expert", iou))
+                    out.append(_result(k, logits[0], frames[j], np.asarray(box, np.float32), "expert", iou, orient))
                 return out
             fallback = torch.stack([torch.as_tensor(f.full_box()) for f in frames]).to(dev)
             sp = self_prompt(self.model, embs, fallback)
             out = []
             for j, k in enumerate(chunk):
                 if bool(sp.fallback_used[j]) and options.empty_y0 == "skip":
-                    out.append(_empty(k, frames[j]))
+                    out.append(_empty(k, frames[j], orient))
                     continue
                 src = "fallback" if bool(sp.fallback_used[j]) else "self"
-                box = frames[j].box_to_slice(sp.boxes[j].cpu().numpy())
-                out.append(_result(k, sp.y1[j], frames[j], box, src, sp.iou[j]))
+                box = orient.box_to_stored(frames[j].box_to_slice(sp.boxes[j].cpu().numpy()),
+                                           orient.stored_shape((frames[j].h, frames[j].w)))
+                out.append(_result(k, sp.y1[j], frames[j], box, src, sp.iou[j], orient))
             return out
 
     def _propagate(self, volume, axis, indices, intensity, options, cancel, progress) -> Iterator[SliceResult]:
@@ -259,12 +267,13 @@ class Segmenter:
         and restarts the carry; a direction stops when the mask falls below ``min_area`` pixels.
         """
         vkey = volume_key(volume)
+        orient = SliceOrientation.for_volume(volume, axis)
         seeds: dict[int, SliceResult] = {}
         expert = options.boxes or {}
         # First pass: self-prompt (or expert-box) every slice; this encodes and caches them all.
         first = SegmentOptions(empty_y0=options.empty_y0, boxes=options.boxes)
         for chunk, embs, frames in self.embeddings(volume, axis, indices, intensity, options.batch_size, vkey, cancel):
-            for r in self._decode(embs, chunk, frames, first):
+            for r in self._decode(embs, chunk, frames, first, orient):
                 seeds[r.index] = r
         seed = max(seeds.values(), key=lambda r: int(r.mask.sum()))
         total, done = len(indices), 1
@@ -281,15 +290,16 @@ class Segmenter:
                 if k in expert:
                     result, stopped = seeds[k], False
                 elif stopped:
-                    result = _empty(k, None, volume, axis)
+                    result = _empty(k, None, volume=volume, axis=axis)
                 else:
                     (chunk, embs, frames), = list(self.embeddings(volume, axis, [k], intensity, 1, vkey))
-                    mbox = torch.as_tensor(frames[0].box_to_model(carry), device=embs.device)[None]
+                    cbox = orient.box_to_canonical(carry, orient.stored_shape((frames[0].h, frames[0].w)))
+                    mbox = torch.as_tensor(frames[0].box_to_model(cbox), device=embs.device)[None]
                     with torch.no_grad():
                         logits, iou = box_prompt(self.model, embs, mbox)
-                    result = _result(k, logits[0], frames[0], carry, "propagated", iou)
+                    result = _result(k, logits[0], frames[0], carry, "propagated", iou, orient)
                     if result.mask.sum() < options.min_area:
-                        result, stopped = _empty(k, frames[0]), True
+                        result, stopped = _empty(k, frames[0], orient), True
                 yield result
                 done += 1
                 if progress:
@@ -309,30 +319,37 @@ class Segmenter:
         intensity = self.intensity_for(volume, options)
         (chunk, embs, frames), = list(self.embeddings(volume, axis, [k], intensity, 1))
         frame = frames[0]
+        orient = SliceOrientation.for_volume(volume, axis)
+        stored_hw = orient.stored_shape((frame.h, frame.w))
         pts = [*positive, *negative]
         if not pts:
             raise InputError("a correction needs at least one positive or negative click")
-        coords = torch.as_tensor(frame.points_to_model(pts), device=embs.device)[None]
+        coords = torch.as_tensor(frame.points_to_model(orient.points_to_canonical(pts, stored_hw)),
+                                 device=embs.device)[None]
         labels = torch.tensor([[1] * len(positive) + [0] * len(negative)], device=embs.device)
         box = None
         if previous is not None and previous.box is not None:
-            box = torch.as_tensor(frame.box_to_model(previous.box), device=embs.device)[None]
+            cbox = orient.box_to_canonical(previous.box, stored_hw)
+            box = torch.as_tensor(frame.box_to_model(cbox), device=embs.device)[None]
         prev_logits = previous.logits.to(embs.device) if previous is not None and previous.logits is not None else None
         with torch.no_grad():
             logits, iou = refine(self.refiner or self.model, embs, box, prev_logits, coords, labels)
         src = previous.box_source if previous is not None else "none"
-        return _result(k, logits[0], frame, previous.box if previous is not None else None, src, iou)
+        return _result(k, logits[0], frame, previous.box if previous is not None else None, src, iou, orient)
 
 
-def _result(k: int, low_res: torch.Tensor, frame: Frame, box, source: str, iou: torch.Tensor) -> SliceResult:
-    mask = (logits_to_slice(low_res, frame) > 0).cpu().numpy()
+def _result(k: int, low_res: torch.Tensor, frame: Frame, box, source: str, iou: torch.Tensor,
+            orient: SliceOrientation) -> SliceResult:
+    """``frame``/``low_res`` are of the canonical view; ``box`` is already on the stored grid."""
+    mask = orient.to_stored((logits_to_slice(low_res, frame) > 0).cpu().numpy())
     return SliceResult(k, mask, None if box is None else np.asarray(box, np.float32), source,
                        float(iou.reshape(-1)[0]), low_res.detach().reshape(1, 1, *low_res.shape[-2:]).cpu())
 
 
-def _empty(k: int, frame: Frame | None, volume: Volume | None = None, axis: int = 0) -> SliceResult:
+def _empty(k: int, frame: Frame | None, orient: SliceOrientation | None = None, volume: Volume | None = None,
+           axis: int = 0) -> SliceResult:
     if frame is not None:
-        shape = (frame.h, frame.w)
+        shape = orient.stored_shape((frame.h, frame.w)) if orient is not None else (frame.h, frame.w)
     else:
         shape = take_slice(volume.array[..., 0] if volume.is_rgb else volume.array, axis, 0).shape  # type: ignore[union-attr]
     return SliceResult(k, np.zeros(shape, bool), None, "none", 0.0, None)

@@ -1,0 +1,111 @@
+"""Show every slice to the model the way the training data looked: as an LPS-stored volume's slice.
+
+A volume's array order is a storage detail. The same CT saved as DICOM (rows run anterior to
+posterior, columns patient right to left) and as a RAS-ordered NIfTI gives slices rotated by
+180 degrees. The shipped CT model learned the liver on one side of the picture, so it found
+nothing on the rotated slices of a RAS NIfTI (Dice 0.83 against 0.00 on the same 8 slices).
+Training already reads volumes reoriented to LPS (``training/data.read_volume``).
+
+``SliceOrientation`` maps one slice between its stored pixel grid and that canonical view: the
+slice a volume stored with identity LPS direction would give. Rows follow the in-plane patient
+axis listed later in L, P, S (P for axial slices, S for coronal and sagittal ones), columns the
+other, each running toward +L, +P or +S. Only flips and a transpose are used (no resampling),
+so every pixel maps to exactly one pixel and back. Colour pictures have no patient frame and
+are shown as stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .image import Volume
+from .io.dicom import LPS_TO_RAS
+
+RAS_TO_LPS = LPS_TO_RAS  # the flip is its own inverse
+
+
+@dataclass(frozen=True)
+class SliceOrientation:
+    transpose: bool = False  # applied first: stored rows become columns
+    flip_rows: bool = False  # then reverse the row order
+    flip_cols: bool = False  # and the column order
+
+    @classmethod
+    def for_volume(cls, volume: Volume, axis: int) -> "SliceOrientation":
+        """The mapping for slices taken along array ``axis`` (0 = K, 1 = J, 2 = I)."""
+        if volume.is_rgb:
+            return cls()
+        lps = RAS_TO_LPS[:3, :3] @ volume.ijk_to_ras[:3, :3]  # column c: LPS direction of index c
+        rows, cols = [a for a in (0, 1, 2) if a != axis]  # stored slice: rows, then columns
+        # Array axis a is IJK index 2 - a.
+        comp = {a: int(np.argmax(np.abs(lps[:, 2 - a]))) for a in (rows, cols)}
+        if comp[rows] == comp[cols]:  # strongly oblique: no clear patient axis, leave it as stored
+            return cls()
+        sign = {a: lps[comp[a], 2 - a] for a in (rows, cols)}
+        transpose = comp[cols] > comp[rows]
+        new_rows, new_cols = (cols, rows) if transpose else (rows, cols)
+        return cls(transpose, bool(sign[new_rows] < 0), bool(sign[new_cols] < 0))
+
+    @property
+    def is_identity(self) -> bool:
+        return not (self.transpose or self.flip_rows or self.flip_cols)
+
+    def canonical_shape(self, stored_hw: tuple[int, int]) -> tuple[int, int]:
+        h, w = stored_hw
+        return (w, h) if self.transpose else (h, w)
+
+    def stored_shape(self, canonical_hw: tuple[int, int]) -> tuple[int, int]:
+        h, w = canonical_hw
+        return (w, h) if self.transpose else (h, w)
+
+    # --- pixels -------------------------------------------------------------------------------------
+    def to_canonical(self, pixels: np.ndarray) -> np.ndarray:
+        """A stored slice (H x W, or H x W x C) as the model should see it."""
+        out = pixels.swapaxes(0, 1) if self.transpose else pixels
+        if self.flip_rows:
+            out = out[::-1]
+        if self.flip_cols:
+            out = out[:, ::-1]
+        return out if self.is_identity else np.ascontiguousarray(out)
+
+    def to_stored(self, pixels: np.ndarray) -> np.ndarray:
+        """A canonical-view slice (e.g. the predicted mask) back on the stored pixel grid."""
+        out = pixels[:, ::-1] if self.flip_cols else pixels
+        if self.flip_rows:
+            out = out[::-1]
+        if self.transpose:
+            out = out.swapaxes(0, 1)
+        return out if self.is_identity else np.ascontiguousarray(out)
+
+    # --- coordinates (x = column, y = row, in pixel indices) ----------------------------------------
+    def points_to_canonical(self, points, stored_hw: tuple[int, int]) -> np.ndarray:
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        x, y = (pts[:, 1], pts[:, 0]) if self.transpose else (pts[:, 0], pts[:, 1])
+        h, w = self.canonical_shape(stored_hw)
+        if self.flip_rows:
+            y = (h - 1) - y
+        if self.flip_cols:
+            x = (w - 1) - x
+        return np.stack([x, y], axis=1)
+
+    def points_to_stored(self, points, stored_hw: tuple[int, int]) -> np.ndarray:
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        h, w = self.canonical_shape(stored_hw)
+        x, y = pts[:, 0], pts[:, 1]
+        if self.flip_rows:
+            y = (h - 1) - y
+        if self.flip_cols:
+            x = (w - 1) - x
+        return np.stack([y, x], axis=1) if self.transpose else np.stack([x, y], axis=1)
+
+    def box_to_canonical(self, box, stored_hw: tuple[int, int]) -> np.ndarray:
+        return _span(self.points_to_canonical(np.asarray(box, np.float64).reshape(2, 2), stored_hw))
+
+    def box_to_stored(self, box, stored_hw: tuple[int, int]) -> np.ndarray:
+        return _span(self.points_to_stored(np.asarray(box, np.float64).reshape(2, 2), stored_hw))
+
+
+def _span(corners: np.ndarray) -> np.ndarray:
+    """x0, y0, x1, y1 of two corner points, whichever way round they came out."""
+    return np.concatenate([corners.min(axis=0), corners.max(axis=0)]).astype(np.float32)
