@@ -54,8 +54,10 @@ class Handler(BaseHTTPRequestHandler):
         if srv.drop_first_after is not None and len(srv.requests) == 1:
             body = body[: srv.drop_first_after]  # promised more than this: the client sees a short read
             self.close_connection = True
-        self.wfile.write(body)
+        # Counted before the write: the client can finish reading (and the test assert) before
+        # this thread runs another line after the write returns.
         srv.sent += len(body)
+        self.wfile.write(body)
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
