@@ -213,3 +213,16 @@ def test_cleanup_3d_in_segment_volume(expert_run, segmenter, phantom):
     cleaned, _ = segment_volume(segmenter, volume, SegmentOptions(boxes=boxes, cleanup_3d=True, batch_size=3))
     np.testing.assert_array_equal(cleaned[0], mask[0])
     assert not cleaned[1:].any()
+
+
+def test_command_line_segmenters_trace_the_encoder_once_for_long_runs(lite_model):
+    from SAMSelfPromptLib.frozen_encoder import MIN_IMAGES_TO_TRACE
+
+    slicer_like = Segmenter(lite_model, "cpu")
+    assert slicer_like._encoder(500) == lite_model.encode  # never traced unless asked (GIL vs the UI)
+    cli = Segmenter(lite_model, "cpu")
+    cli.trace_encoder = True
+    assert cli._encoder(MIN_IMAGES_TO_TRACE - 1) == lite_model.encode  # too short to pay for tracing
+    traced = cli._encoder(MIN_IMAGES_TO_TRACE)
+    assert traced != lite_model.encode
+    assert cli._encoder(MIN_IMAGES_TO_TRACE) is traced and cli._encoder(3) is traced  # built once, then reused

@@ -82,6 +82,7 @@ def run_bench(device_name: str | None, slices: int, batch_size: int, baseline_sl
     device = pick_device(device_name)
     opened = open_segmenter(device=str(device), modality="CT")
     seg = opened.segmenter
+    seg.trace_encoder = True  # as `samselfprompt segment` runs (the one-off trace is inside the pipeline time)
     model = seg.model
     size = model.image_size
     x = torch.rand(batch_size, 3, size, size, device=device)

@@ -128,6 +128,7 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
     if key not in opened_cache:
         opened_cache[key] = open_segmenter(args.model, args.weights, args.checkpoint, args.device,
                                            volume.modality, volume.is_rgb)
+        opened_cache[key].segmenter.trace_encoder = True  # long CPU runs trace the encoder once
     opened = opened_cache[key]
     options = options_from_args(args, volume, opened.trained)
     bar = _progress_bar(case.name, args.quiet)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, InputError
+from .frozen_encoder import encoder_for
 from .image import Volume
 from .models import SamBackbone, autocast_for, pick_device
 from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
@@ -143,6 +144,18 @@ class Segmenter:
         self.metadata = metadata or {}
         self.cache = EmbeddingCache()
         self.encoder_calls = 0  # slices actually encoded; tests use it to prove cache reuse
+        # Command-line runs set this: on the CPU a request of 24+ slices then traces the encoder
+        # once (frozen_encoder.py: 14 s, then 22% less per slice). Off for the Slicer worker,
+        # where the Python-level tracing would hold the GIL against the UI for those seconds.
+        self.trace_encoder = False
+        self._traced_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def _encoder(self, n_slices: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self._traced_encode is None and self.trace_encoder:
+            encode = encoder_for(self.model, n_slices)
+            if encode != self.model.encode:
+                self._traced_encode = encode  # the model never trains inside a Segmenter
+        return self._traced_encode or self.model.encode
 
     # --- intensity and inputs -------------------------------------------------------------
     def intensity_for(self, volume: Volume, options: SegmentOptions) -> Intensity:
@@ -168,6 +181,7 @@ class Segmenter:
         """Yield (indices, B x 256 x 64 x 64 on device, frames), encoding only uncached slices."""
         vkey = vkey or volume_key(volume)
         ikey = tuple(sorted(intensity.to_dict().items()))
+        encode = self._encoder(len(indices))
         for start in range(0, len(indices), max(1, batch_size)):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled by the user")
@@ -179,7 +193,7 @@ class Segmenter:
                 inputs = [self._slice_input(volume, axis, chunk[i], intensity) for i in todo]
                 batch = torch.stack([x for x, _ in inputs]).to(self.device)
                 with torch.no_grad(), autocast_for(self.device):
-                    emb = self.model.encode(batch).float()
+                    emb = encode(batch).float()
                 self.encoder_calls += len(todo)
                 for j, i in enumerate(todo):
                     self.cache.put(keys[i], emb[j], inputs[j][1])
