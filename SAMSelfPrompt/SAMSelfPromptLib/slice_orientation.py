@@ -22,8 +22,6 @@ import numpy as np
 from .image import Volume
 from .io.dicom import LPS_TO_RAS
 
-RAS_TO_LPS = LPS_TO_RAS  # the flip is its own inverse
-
 
 @dataclass(frozen=True)
 class SliceOrientation:
@@ -36,7 +34,8 @@ class SliceOrientation:
         """The mapping for slices taken along array ``axis`` (0 = K, 1 = J, 2 = I)."""
         if volume.is_rgb:
             return cls()
-        lps = RAS_TO_LPS[:3, :3] @ volume.ijk_to_ras[:3, :3]  # column c: LPS direction of index c
+        # Column c: the LPS direction of index c (the RAS<->LPS flip is its own inverse).
+        lps = LPS_TO_RAS[:3, :3] @ volume.ijk_to_ras[:3, :3]
         rows, cols = [a for a in (0, 1, 2) if a != axis]  # stored slice: rows, then columns
         # Array axis a is IJK index 2 - a.
         comp = {a: int(np.argmax(np.abs(lps[:, 2 - a]))) for a in (rows, cols)}
