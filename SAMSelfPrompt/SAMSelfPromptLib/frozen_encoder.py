@@ -3,7 +3,8 @@
 On the 2-core CPU, ``torch.jit.optimize_for_inference`` (BatchNorm folded into the convolutions,
 oneDNN layouts) runs the LiteMedSAM encoder in about 2.1 s per image instead of 2.7 s, for a
 one-off cost of about 14 s to trace and freeze. So it pays from about two dozen images on,
-which is when callers ask for it (embedding caches for training and evaluation). The result
+which is when callers ask for it (embedding caches for training and evaluation, and
+``Segmenter.trace_encoder`` for command-line runs). The result
 equals the plain encoder to about 2e-6.
 
 The trace is a snapshot of the weights at build time; use it within one batch job, never keep
