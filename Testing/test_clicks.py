@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from SAMSelfPromptLib.clicks import NOT_A_POINT, Click, clicks_to_prompt, next_click
-from SAMSelfPromptLib.evaluate_clicks import noc, summarize
+from SAMSelfPromptLib.core.clicks import NOT_A_POINT, Click, clicks_to_prompt, next_click
+from SAMSelfPromptLib.evaluation.clicks import noc, summarize
 
 
 def disk(shape, cy, cx, r):

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SAMSelfPromptLib.download import cache_dir, cached_weights, ensure_weights
+from SAMSelfPromptLib.weights.download import cache_dir, cached_weights, ensure_weights
 from SAMSelfPromptLib.errors import DownloadError
-from SAMSelfPromptLib.models import DownloadSpec
+from SAMSelfPromptLib.modeling.backbones import DownloadSpec
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

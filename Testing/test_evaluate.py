@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from SAMSelfPromptLib.evaluate import EvalResult, dice_score, hd95, iou_score, score_rows
-from SAMSelfPromptLib.preprocess import Frame
+from SAMSelfPromptLib.core.masks import dice as dice_score
+from SAMSelfPromptLib.evaluation.evaluate import EvalResult, hd95, iou_score, score_rows
+from SAMSelfPromptLib.core.preprocess import Frame
 
 
 def test_metrics_on_hand_made_masks():
@@ -61,8 +62,8 @@ def _write_folder(root, n=3, size=40):
 
 
 def test_cli_train_then_evaluate_end_to_end(tmp_path, monkeypatch):
-    from SAMSelfPromptLib.checkpoints import read_samsp
-    from SAMSelfPromptLib.training.commands import main
+    from SAMSelfPromptLib.weights.checkpoint import read_samsp
+    from SAMSelfPromptLib.cli.training import main
 
     monkeypatch.setenv("SAMSELFPROMPT_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"
@@ -89,13 +90,13 @@ SHIPPED = "samsp_ph2_litemedsam.pt"
 
 
 def _shipped_path():
-    from SAMSelfPromptLib.training.commands import DEFAULT_PH2_CHECKPOINT
+    from SAMSelfPromptLib.cli.training import DEFAULT_PH2_CHECKPOINT
 
     return DEFAULT_PH2_CHECKPOINT
 
 
 def test_shipped_checkpoint_is_small_safe_and_documented():
-    from SAMSelfPromptLib.checkpoints import load_samsp
+    from SAMSelfPromptLib.weights.checkpoint import load_samsp
 
     path = _shipped_path()
     raw = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
@@ -114,12 +115,12 @@ def test_shipped_checkpoint_is_small_safe_and_documented():
 @pytest.mark.slow
 def test_shipped_checkpoint_reproduces_recorded_val_dice(ph2_dir, tmp_path):
     """40 real encoder calls (about a minute on 2 idle cores): the number in the metadata is real."""
-    from SAMSelfPromptLib.checkpoints import load_samsp
-    from SAMSelfPromptLib.evaluate import evaluate_samples
-    from SAMSelfPromptLib.models import build_model
+    from SAMSelfPromptLib.weights.checkpoint import load_samsp
+    from SAMSelfPromptLib.evaluation.evaluate import evaluate_samples
+    from SAMSelfPromptLib.modeling.backbones import build_model
     from SAMSelfPromptLib.training.data import load_folder
-    from SAMSelfPromptLib.training.embedding_cache import EmbeddingCache
+    from SAMSelfPromptLib.training.embedding_cache import DiskEmbeddingCache
 
     model, meta = load_samsp(_shipped_path())
-    res = evaluate_samples(build_model(), {"samsp": model}, load_folder(ph2_dir, "val"), EmbeddingCache())
+    res = evaluate_samples(build_model(), {"samsp": model}, load_folder(ph2_dir, "val"), DiskEmbeddingCache())
     assert res.rows["samsp"]["dice"] == pytest.approx(meta["recorded_val_dice"], abs=0.005)

@@ -22,8 +22,8 @@ install()
 import slicer  # noqa: E402
 import vtk  # noqa: E402
 
-from SAMSelfPromptLib import logic_mrml as mrml  # noqa: E402
-from SAMSelfPromptLib.logic import SAMSelfPromptLogic  # noqa: E402
+from SAMSelfPromptLib.slicer import mrml  # noqa: E402
+from SAMSelfPromptLib.slicer.logic import SAMSelfPromptLogic  # noqa: E402
 
 RANGE = (8, 11)  # three axial slices through the abdomen
 
@@ -62,7 +62,7 @@ def ct_node(ct_dicom_dir):
 
 @pytest.fixture(scope="session")
 def segmenter(lite_model):
-    from SAMSelfPromptLib.volume import Segmenter
+    from SAMSelfPromptLib.core.predictor import Segmenter
 
     return Segmenter(lite_model, "cpu")
 
@@ -87,7 +87,7 @@ def streamed(logic, ct_node, indices) -> dict[int, np.ndarray]:
 def reference_masks(segmenter, ct_node, slice_range):
     """The engine run again on those slices. Cached embeddings are fp16, the first pass used
     the fresh fp32 ones, so masks may differ by a few boundary pixels (compared by Dice)."""
-    from SAMSelfPromptLib.volume import SegmentOptions
+    from SAMSelfPromptLib.core.predictor import SegmentOptions
 
     volume = mrml.volume_from_node(ct_node)
     opts = SegmentOptions(slice_range=slice_range, empty_y0="full_box")
@@ -121,7 +121,7 @@ def test_volume_from_dicom_node(ct_node):
 def test_auto_segment_live_writes(logic, segmenter, ct_node, capsys):
     seg, user_id, other_id = user_segmentation(ct_node)
     user_before = mrml.segment_array(seg, user_id, ct_node)
-    from SAMSelfPromptLib.volume import SegmentOptions
+    from SAMSelfPromptLib.core.predictor import SegmentOptions
 
     run = logic.start_auto_segment(ct_node, segmentation_node=seg, slice_range=RANGE,
                                    options=SegmentOptions(empty_y0="full_box", batch_size=1))
@@ -173,7 +173,7 @@ def test_auto_segment_live_writes(logic, segmenter, ct_node, capsys):
 
 
 def test_cancel_leaves_whole_slices(logic, ct_node):
-    from SAMSelfPromptLib.volume import SegmentOptions
+    from SAMSelfPromptLib.core.predictor import SegmentOptions
 
     cancel_range = (12, 16)  # not encoded yet: about 2-4 s per slice, so cancel lands mid-run
     run = logic.start_auto_segment(ct_node, slice_range=cancel_range, segment_name="cancel me",
@@ -197,7 +197,7 @@ def test_cancel_leaves_whole_slices(logic, ct_node):
 
 
 def test_click_changes_only_that_slice_and_undo_restores(logic, ct_node):
-    from SAMSelfPromptLib.volume import SegmentOptions
+    from SAMSelfPromptLib.core.predictor import SegmentOptions
 
     run = logic.wait(logic.start_auto_segment(ct_node, slice_range=RANGE, segment_name="clicked",
                                               options=SegmentOptions(empty_y0="full_box")))
@@ -234,7 +234,7 @@ def test_clicks_on_two_slices_are_refused(logic, ct_node):
 
 def test_save_seg_nrrd_and_read_back(logic, ct_node, tmp_path):
     import slicerio
-    from SAMSelfPromptLib.volume import SegmentOptions
+    from SAMSelfPromptLib.core.predictor import SegmentOptions
 
     seg, user_id, _ = user_segmentation(ct_node)
     run = logic.wait(logic.start_auto_segment(ct_node, segmentation_node=seg, slice_range=RANGE,
@@ -254,7 +254,7 @@ def test_save_seg_nrrd_and_read_back(logic, ct_node, tmp_path):
 
 
 def test_batch_two_volumes(logic, ct_node, ct_dicom_dir):
-    from SAMSelfPromptLib.volume import SegmentOptions
+    from SAMSelfPromptLib.core.predictor import SegmentOptions
 
     second = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT shifted")
     image = vtk.vtkImageData()
@@ -297,7 +297,7 @@ def test_user_segment_with_our_name_is_not_reused(ct_node):
 def test_adapt_then_auto_segment_with_adapted_model(logic, ct_node, tmp_path, monkeypatch):
     """Adapt (1 epoch, CPU mode) on a user's segment on 3 slices, then run with the saved checkpoint."""
     monkeypatch.setenv("SAMSELFPROMPT_CACHE", str(tmp_path / "cache"))
-    from SAMSelfPromptLib.checkpoints import read_samsp
+    from SAMSelfPromptLib.weights.checkpoint import read_samsp
 
     seg = mrml.new_segmentation_for(ct_node, "to learn from")
     user_id = seg.GetSegmentation().AddEmptySegment("", "my organ", [0.8, 0.2, 0.2])

@@ -55,8 +55,8 @@ def test_widget_names_used_in_code_exist_in_ui():
 
 
 def test_model_choices_match_the_registry():
-    from SAMSelfPromptLib.logic import MODEL_CHOICES
-    from SAMSelfPromptLib.models import MODEL_SPECS
+    from SAMSelfPromptLib.slicer.logic import MODEL_CHOICES
+    from SAMSelfPromptLib.modeling.backbones import MODEL_SPECS
 
     assert list(MODEL_CHOICES) == list(MODEL_SPECS)
     combo = next(w for w in ui_tree().iter("widget") if w.get("name") == "modelComboBox")
@@ -64,7 +64,7 @@ def test_model_choices_match_the_registry():
 
 
 def test_dependencies_plan_and_consent():
-    from SAMSelfPromptLib import slicer_deps
+    from SAMSelfPromptLib.slicer import deps as slicer_deps
 
     assert slicer_deps.plan().empty  # this venv has everything, torch in range
     missing = slicer_deps.plan(("no-such-package-samsp-test>=1",))

@@ -8,10 +8,10 @@ import torch
 from scipy import ndimage
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
-from SAMSelfPromptLib import preprocess as pp
-from SAMSelfPromptLib.checkpoints import FORMAT, load_samsp, read_samsp, save_samsp
+from SAMSelfPromptLib.core import preprocess as pp
+from SAMSelfPromptLib.weights.checkpoint import FORMAT, load_samsp, read_samsp, save_samsp
 from SAMSelfPromptLib.errors import CheckpointError
-from SAMSelfPromptLib.models import MODEL_SPECS, SamBackbone, build_model, bundled_litemedsam_path, load_state
+from SAMSelfPromptLib.modeling.backbones import MODEL_SPECS, SamBackbone, build_model, bundled_litemedsam_path, load_state
 
 
 class NotAWeight:
@@ -211,7 +211,7 @@ def test_fast_mask_head_matches_the_modules_forward_and_backward(lite_model):
     """decode() runs the output head as matrix products; values and all gradients must equal SAM's modules."""
     import copy
 
-    from SAMSelfPromptLib.mask_head import head_matches, upscaled_logits
+    from SAMSelfPromptLib.modeling.mask_head import head_matches, upscaled_logits
 
     up = copy.deepcopy(lite_model.mask_decoder.output_upscaling).requires_grad_(True)
     assert head_matches(up)
@@ -232,7 +232,7 @@ def test_fast_mask_head_matches_the_modules_forward_and_backward(lite_model):
 def test_other_output_heads_run_through_their_modules(lite_model):
     import copy
 
-    from SAMSelfPromptLib.mask_head import head_matches
+    from SAMSelfPromptLib.modeling.mask_head import head_matches
 
     up = copy.deepcopy(lite_model.mask_decoder.output_upscaling)
     up[2] = torch.nn.ReLU()

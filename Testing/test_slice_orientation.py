@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from SAMSelfPromptLib.image import Volume
-from SAMSelfPromptLib.slice_orientation import SliceOrientation
-from SAMSelfPromptLib.volume import Segmenter, SegmentOptions, resolve_axis, take_slice
+from SAMSelfPromptLib.core.volume import Volume
+from SAMSelfPromptLib.core.orientation import SliceOrientation
+from SAMSelfPromptLib.core.predictor import Segmenter, SegmentOptions, resolve_axis, take_slice
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -133,8 +133,8 @@ def ct_slices():
 
 
 def test_ct_model_segments_a_ras_stored_copy_identically(ct_slices):
-    from SAMSelfPromptLib.engine import open_segmenter
-    from SAMSelfPromptLib.sample import dice
+    from SAMSelfPromptLib.weights.catalogue import open_segmenter
+    from SAMSelfPromptLib.io.sample import dice
 
     lps, liver = ct_slices
     seg: Segmenter = open_segmenter(modality="CT").segmenter

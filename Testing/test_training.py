@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from SAMSelfPromptLib.preprocess import Intensity
-from SAMSelfPromptLib.selfprompt import box_from_logits
+from SAMSelfPromptLib.core.preprocess import Intensity
+from SAMSelfPromptLib.core.selfprompt import box_from_logits
 from SAMSelfPromptLib.training.data import Sample, array_samples
-from SAMSelfPromptLib.training.embedding_cache import EmbeddingCache, cache_key
+from SAMSelfPromptLib.training.embedding_cache import DiskEmbeddingCache, cache_key
 from SAMSelfPromptLib.training.losses import dice_loss, kl_logits, samsp_loss
 from SAMSelfPromptLib.training.trainer import TrainConfig, jitter_boxes, train
 
@@ -116,7 +116,7 @@ def test_cache_key_tracks_content_and_preprocessing(lite_model):
 
 def test_cache_recomputes_when_preprocessing_changes(lite_model, tmp_path):
     imgs, masks = _disk_images(1)
-    cache = EmbeddingCache(tmp_path)
+    cache = DiskEmbeddingCache(tmp_path)
     s = Sample("a", imgs[0], masks[0], Intensity("generic"))
     first, _ = cache.embed(lite_model, [s])
     again, _ = cache.embed(lite_model, [s])
@@ -135,7 +135,7 @@ def test_cache_recomputes_when_preprocessing_changes(lite_model, tmp_path):
 
 def test_traced_cpu_encoder_equals_the_plain_encoder(lite_model):
     """The cache traces the encoder for long runs; its embeddings must be the plain encoder's."""
-    from SAMSelfPromptLib.frozen_encoder import MIN_IMAGES_TO_TRACE, encoder_for
+    from SAMSelfPromptLib.modeling.traced_encoder import MIN_IMAGES_TO_TRACE, encoder_for
 
     assert encoder_for(lite_model, MIN_IMAGES_TO_TRACE - 1) == lite_model.encode  # short runs: no tracing cost
     fast = encoder_for(lite_model, MIN_IMAGES_TO_TRACE)
@@ -146,9 +146,9 @@ def test_traced_cpu_encoder_equals_the_plain_encoder(lite_model):
     torch.testing.assert_close(fast(images), want, atol=1e-4, rtol=1e-4)
 
 
-def _synthetic_cache(model, samples, tmp_path, seed=0) -> EmbeddingCache:
+def _synthetic_cache(model, samples, tmp_path, seed=0) -> DiskEmbeddingCache:
     """Store random embeddings under the real keys: trainer plumbing without encoder time."""
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = DiskEmbeddingCache(tmp_path / "cache")
     g = torch.Generator().manual_seed(seed)
     for s in samples:
         cache.store(cache_key(s, model), torch.randn(256, 64, 64, generator=g) * 0.5)
@@ -159,7 +159,7 @@ def test_tiny_overfit_really_learns(lite_model, tmp_path):
     imgs, masks = _disk_images(4)
     samples = array_samples(imgs, masks, Intensity("generic"))
     model = copy.deepcopy(lite_model)
-    cache = EmbeddingCache(tmp_path)
+    cache = DiskEmbeddingCache(tmp_path)
     cfg = TrainConfig(epochs=6, batch_size=4, lr=1e-3, warmup_steps=1, box_jitter=0.0, val_from=1)
     res = train(model, samples, samples, cfg, cache=cache, progress=False, log=lambda _: None)
     dice = [h["val"]["samsp"] for h in res.history]
@@ -218,8 +218,8 @@ def _train_epochs(model, samples, cfg, work, cache, stop_after: int) -> None:
 # --- checkpoints ------------------------------------------------------------------------------------
 
 def test_checkpoint_round_trip_with_lora(lite_model, tmp_path):
-    from SAMSelfPromptLib.checkpoints import load_samsp, save_samsp
-    from SAMSelfPromptLib.lora import add_lora
+    from SAMSelfPromptLib.weights.checkpoint import load_samsp, save_samsp
+    from SAMSelfPromptLib.modeling.lora import add_lora
 
     model = add_lora(copy.deepcopy(lite_model), rank=4, alpha=4.0)
     with torch.no_grad():  # make every trained tensor differ from the base model
@@ -261,7 +261,7 @@ def _paper_step() -> dict[str, torch.Tensor]:
 
     SGD, not Adam: Adam's first step is lr * sign(g), which turns float summation-order noise
     in near-zero gradients into +-lr differences; SGD keeps the comparison about the gradients."""
-    from SAMSelfPromptLib.models import build_model
+    from SAMSelfPromptLib.modeling.backbones import build_model
 
     imgs, masks = _disk_images(2, size=32, seed=3, radius=(5, 9))
     samples = array_samples(imgs, masks, Intensity("generic"))
@@ -274,7 +274,7 @@ def _paper_step() -> dict[str, torch.Tensor]:
 def test_ddp_two_gloo_processes_match_one(tmp_path):
     import torch.multiprocessing as mp
 
-    from SAMSelfPromptLib.models import build_model
+    from SAMSelfPromptLib.modeling.backbones import build_model
 
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)

@@ -8,11 +8,10 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from SAMSelfPromptLib.errors import InputError
-from SAMSelfPromptLib.image import Volume
-from SAMSelfPromptLib.sample import dice
-from SAMSelfPromptLib.volume import (
-    Segmenter, SegmentOptions, largest_component_3d, mask_box, resolve_axis, segment_volume,
-)
+from SAMSelfPromptLib.core.volume import Volume
+from SAMSelfPromptLib.io.sample import dice
+from SAMSelfPromptLib.core.masks import mask_box
+from SAMSelfPromptLib.core.predictor import Segmenter, SegmentOptions, largest_component_3d, resolve_axis, segment_volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -216,7 +215,7 @@ def test_cleanup_3d_in_segment_volume(expert_run, segmenter, phantom):
 
 
 def test_command_line_segmenters_trace_the_encoder_once_for_long_runs(lite_model):
-    from SAMSelfPromptLib.frozen_encoder import MIN_IMAGES_TO_TRACE
+    from SAMSelfPromptLib.modeling.traced_encoder import MIN_IMAGES_TO_TRACE
 
     slicer_like = Segmenter(lite_model, "cpu")
     assert slicer_like._encoder(500) == lite_model.encode  # never traced unless asked (GIL vs the UI)

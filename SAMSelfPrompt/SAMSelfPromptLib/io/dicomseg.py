@@ -14,7 +14,8 @@ from pydicom.sr.codedict import codes
 from .. import __version__
 from ..errors import InputError
 from .dicom import DicomSeries, _check_stackable, _slice_geometry
-from .writers import _check_labelmap, atomic_write, complete_segments
+from .files import atomic_write
+from .labelmap import check_labelmap, complete_segments
 
 ALGORITHM_NAME = "SAMSelfPrompt"
 ALGORITHM_VERSION = f"SAM-SP {__version__}"
@@ -97,7 +98,7 @@ def write_dicom_seg(path: str | os.PathLike, labelmap: np.ndarray, source_files:
     """
     import highdicom as hd
 
-    labelmap, _ = _check_labelmap(labelmap, np.eye(4))
+    labelmap, _ = check_labelmap(labelmap, np.eye(4))
     sources, _ = _source_datasets(source_files)
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     if labelmap.shape != (len(sources), rows, cols):

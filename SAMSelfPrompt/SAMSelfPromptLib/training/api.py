@@ -15,11 +15,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..checkpoints import load_samsp, save_samsp
-from ..models import SamBackbone, build_model, pick_device
-from ..preprocess import Intensity
+from ..weights.checkpoint import load_samsp, save_samsp
+from ..modeling.backbones import SamBackbone, build_model, pick_device
+from ..core.preprocess import Intensity
 from .data import Sample, array_samples
-from .embedding_cache import EmbeddingCache
+from .embedding_cache import DiskEmbeddingCache
 from .trainer import TrainConfig, TrainResult, evaluate_val
 from .trainer import train as run_training
 
@@ -41,7 +41,7 @@ def base_model(checkpoint: str | Path | None, model_id: str = "litemedsam", devi
 
 
 def _val_dice_with(model: SamBackbone, state: dict[str, torch.Tensor], val: Sequence[Sample],
-                   cache: EmbeddingCache) -> dict[str, float]:
+                   cache: DiskEmbeddingCache) -> dict[str, float]:
     keep = {k: v.clone() for k, v in model.trainable_state().items()}
     model.load_state_dict(state, strict=False)
     emb, frames = cache.embed(model, val)
@@ -60,14 +60,14 @@ def train_samples(
     work_dir: str | Path | None = None,
     resume: bool = False,
     half: str = "auto",
-    cache: EmbeddingCache | None = None,
+    cache: DiskEmbeddingCache | None = None,
     progress: bool = True,
     extra_metadata: dict[str, Any] | None = None,
     log=print,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train SAM-SP and (if ``out``) save the checkpoint; returns the result and its metadata."""
     config = config or TrainConfig()
-    cache = cache or EmbeddingCache()
+    cache = cache or DiskEmbeddingCache()
     model = model or build_model()
     if not train:
         raise ValueError("no training samples")
@@ -164,7 +164,8 @@ def write_summary(checkpoint: str | Path, json_path: str | Path, extra: dict[str
     """The small human-readable JSON shipped beside a checkpoint: what it is and how well it did."""
     import json
 
-    from ..checkpoints import read_samsp, sha256_of
+    from ..io.files import sha256_of
+    from ..weights.checkpoint import read_samsp
 
     meta = read_samsp(checkpoint)["metadata"]
     keep = ("modality", "intensity", "intensity_note", "input_size", "base_model", "mode", "train_config", "optimizer",

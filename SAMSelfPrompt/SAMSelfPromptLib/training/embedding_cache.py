@@ -16,17 +16,15 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoints import atomic_write_bytes
-from ..frozen_encoder import encoder_for
-from ..models import SamBackbone
-from ..preprocess import Frame, normalize_slice, to_model_input
+from ..io.files import atomic_write, cache_dir
+from ..modeling.traced_encoder import encoder_for
+from ..modeling.backbones import SamBackbone
+from ..core.preprocess import Frame, normalize_slice, to_model_input
 from .data import Sample
 
 
 def default_cache_dir() -> Path:
-    # One cache root for the project (weights downloads live beside it, see download.cache_dir).
-    env = os.environ.get("SAMSELFPROMPT_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "samselfprompt") / "embeddings"
+    return cache_dir() / "embeddings"
 
 
 def encoder_fingerprint(model: SamBackbone) -> str:
@@ -66,7 +64,7 @@ def cache_key(sample: Sample, model: SamBackbone) -> str:
     return digest.hexdigest()
 
 
-class EmbeddingCache:
+class DiskEmbeddingCache:
     """A folder of <key>.pt embeddings; ``embed`` fills what is missing in encoder batches."""
 
     def __init__(self, root: str | Path | None = None):
@@ -87,7 +85,8 @@ class EmbeddingCache:
             return None
 
     def store(self, key: str, embedding: torch.Tensor) -> None:
-        atomic_write_bytes(self.path(key), lambda tmp: torch.save(embedding.detach().to("cpu", torch.float16).clone(), tmp))
+        atomic_write(self.path(key), lambda tmp: torch.save(embedding.detach().to("cpu", torch.float16).clone(), tmp),
+                     overwrite=True)
 
     @torch.no_grad()
     def embed(

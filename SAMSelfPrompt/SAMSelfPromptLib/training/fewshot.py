@@ -14,11 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..evaluate import EvalResult, samsp_logits, to_masks
-from ..models import SamBackbone
-from ..preprocess import Intensity
+from ..evaluation.evaluate import EvalResult, samsp_logits, to_masks
+from ..modeling.backbones import SamBackbone
+from ..core.preprocess import Intensity
 from .data import volume_samples
-from .embedding_cache import EmbeddingCache
+from .embedding_cache import DiskEmbeddingCache
 from .trainer import TrainConfig, train
 
 
@@ -48,10 +48,10 @@ def fewshot_segment(
     steps: int = 40,
     batch_size: int = 1,
     config: TrainConfig | None = None,
-    cache: EmbeddingCache | None = None,
+    cache: DiskEmbeddingCache | None = None,
 ) -> FewShotResult:
     """Fine-tune ``model`` (in place) on ``annotations`` {slice k: J x I mask} and segment every slice."""
-    cache = cache or EmbeddingCache()
+    cache = cache or DiskEmbeddingCache()
     ks = sorted(annotations)
     mask3d = np.zeros(image.shape, bool)
     for k in ks:
@@ -74,7 +74,7 @@ def fewshot_segment(
 def score_fewshot(pred: np.ndarray, truth: np.ndarray, annotated: Sequence[int],
                   spacing: tuple[float, float, float]) -> EvalResult:
     """Dice/IoU/HD95 on the labelled slices the user did not annotate, FP count on the others."""
-    from ..evaluate import case_metrics
+    from ..evaluation.evaluate import case_metrics
 
     result = EvalResult()
     rest = [k for k in range(truth.shape[0]) if k not in set(annotated)]
@@ -95,7 +95,7 @@ def fewshot_command(args, config: TrainConfig) -> int:
     """CLI: samselfprompt train --image V --label L --label-id N --fewshot-slices k1 k2 ... -o OUT."""
     import json
 
-    from ..preprocess import ct_window
+    from ..core.preprocess import ct_window
     from .api import base_model
     from .data import read_volume
 
@@ -103,17 +103,17 @@ def fewshot_command(args, config: TrainConfig) -> int:
     labels, _ = read_volume(args.label)
     truth = np.isin(labels, args.label_id)
     intensity = ct_window(args.ct_window) if float(image.min()) < -500 else None
-    from ..preprocess import guess_intensity
+    from ..core.preprocess import guess_intensity
 
     intensity = intensity or guess_intensity(image)
     model = base_model(args.init, device=args.device)
     res = fewshot_segment(model, image, {k: truth[k] for k in args.fewshot_slices}, intensity, spacing,
-                          config=config, cache=EmbeddingCache(args.cache))
+                          config=config, cache=DiskEmbeddingCache(args.cache))
     scores = score_fewshot(res.masks, truth, res.annotated, spacing)
     print(scores.markdown())
     print(f"fine-tuned on slices {res.annotated} in {res.train_seconds:.1f} s")
     if args.out:
-        from ..checkpoints import save_samsp
+        from ..weights.checkpoint import save_samsp
 
         save_samsp(args.out, res.model, {"modality": intensity.modality, "intensity": intensity.to_dict(),
                                          "input_size": model.image_size, "fewshot_slices": res.annotated,

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..evaluate import dice_score, full_boxes, samsp_logits, to_masks
-from ..models import SamBackbone, autocast_for
-from ..preprocess import Frame, mask_to_low_res
-from ..selfprompt import box_from_logits
+from ..core.masks import dice
+from ..evaluation.evaluate import full_boxes, samsp_logits, to_masks
+from ..modeling.backbones import SamBackbone, autocast_for
+from ..core.preprocess import Frame, mask_to_low_res
+from ..core.selfprompt import box_from_logits
 from .data import Sample
-from .embedding_cache import EmbeddingCache, model_input
+from .embedding_cache import DiskEmbeddingCache, model_input
 from .losses import dice_loss, samsp_loss
 
 
@@ -119,7 +120,7 @@ def _add_click_loss(model: SamBackbone, emb: torch.Tensor, y0: torch.Tensor, y1:
 
     The refinement keeps the un-jittered self-prompt box, as inference does.
     """
-    from ..clicks import simulate_refinement
+    from ..core.clicks import simulate_refinement
 
     boxes, _ = box_from_logits(y0.detach(), fallback, model.image_size)
     refined = simulate_refinement(model, emb, boxes, y1, y, rounds)
@@ -151,11 +152,11 @@ def _flip_valid(x: torch.Tensor, frame: Frame, dim: int, full: int) -> torch.Ten
 class Batches:
     """Inputs for the loop: cached embeddings (cpu mode) or model inputs (paper mode), plus targets."""
 
-    def __init__(self, samples: Sequence[Sample], model: SamBackbone, mode: str, cache: EmbeddingCache | None,
+    def __init__(self, samples: Sequence[Sample], model: SamBackbone, mode: str, cache: DiskEmbeddingCache | None,
                  progress: bool):
         self.frames = [Frame(s.image.shape[0], s.image.shape[1], model.image_size) for s in samples]
         if mode == "cpu":
-            self.inputs, _ = (cache or EmbeddingCache()).embed(model, samples, progress=progress, desc="caching embeddings")
+            self.inputs, _ = (cache or DiskEmbeddingCache()).embed(model, samples, progress=progress, desc="caching embeddings")
         else:
             self.inputs = torch.stack([model_input(s, model.image_size)[0] for s in samples]).to(torch.float16)
         self.targets = torch.stack([mask_to_low_res(s.mask, f) for s, f in zip(samples, self.frames)])
@@ -182,7 +183,7 @@ def evaluate_val(model: SamBackbone, samples: Sequence[Sample], emb: torch.Tenso
     out = {}
     for row in ("samsp", "samsp_y0"):
         preds = to_masks(logits[row], frames)
-        out[row] = float(np.mean([dice_score(p, s.mask) for p, s in zip(preds, samples)]))
+        out[row] = float(np.mean([dice(p, s.mask) for p, s in zip(preds, samples)]))
     out["fallback_rate"] = float(logits["fallback"].mean())
     return out
 
@@ -200,7 +201,7 @@ def train(
     config: TrainConfig,
     out_dir: str | Path | None = None,
     resume: bool = False,
-    cache: EmbeddingCache | None = None,
+    cache: DiskEmbeddingCache | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
@@ -215,7 +216,7 @@ def train(
     rank, world = _dist()
     torch.manual_seed(config.seed)  # before add_lora: the adapters' init must not depend on earlier draws
     if config.mode == "paper":
-        from ..lora import add_lora, has_lora
+        from ..modeling.lora import add_lora, has_lora
 
         if not has_lora(model):
             add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
@@ -228,7 +229,7 @@ def train(
     device = model.device
     model.eval()  # BatchNorm in the encoder keeps its statistics (LoRA tunes weights, not stats)
     params = mark_trainable(model)
-    cache = cache or EmbeddingCache()
+    cache = cache or DiskEmbeddingCache()
     if config.mode == "cpu":  # fill the cache in one pass, so a long run traces the encoder only once
         cache.embed(model, [*train_samples, *(val_samples or [])], progress=progress and rank == 0,
                     desc="caching embeddings")
@@ -342,7 +343,7 @@ def train(
 
 
 def _save_resume(out: Path, model: SamBackbone, opt, sched, epoch: int, history: list, best: dict) -> None:
-    from ..checkpoints import atomic_write_bytes
+    from ..io.files import atomic_write
 
     payload = {
         "trainable": {k: v.detach().cpu() for k, v in model.trainable_state().items()},
@@ -354,4 +355,4 @@ def _save_resume(out: Path, model: SamBackbone, opt, sched, epoch: int, history:
         "best_val": json.dumps(best["val"]),
         "best_state": best["state"] if best["state"] is not None else {},
     }
-    atomic_write_bytes(out / "last.pt", lambda tmp: torch.save(payload, tmp))
+    atomic_write(out / "last.pt", lambda tmp: torch.save(payload, tmp), overwrite=True)

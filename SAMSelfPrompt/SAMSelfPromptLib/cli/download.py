@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .download import cached_weights, ensure_weights
-from .engine import shipped_models
-from .models import MODEL_SPECS, DownloadSpec
+from ..weights.download import cached_weights, ensure_weights
+from ..weights.catalogue import shipped_models
+from ..modeling.backbones import MODEL_SPECS, DownloadSpec
 
 
 def _ask(spec: DownloadSpec, assume_yes: bool) -> bool:

@@ -16,9 +16,9 @@ import time
 import numpy as np
 import torch
 
-from .image import Volume
-from .models import autocast_for, pick_device
-from .volume import Segmenter, SegmentOptions, segment_volume
+from ..core.volume import Volume
+from ..modeling.backbones import autocast_for, pick_device
+from ..core.predictor import Segmenter, SegmentOptions, segment_volume
 
 
 def _sync(device: torch.device) -> None:
@@ -77,7 +77,7 @@ def phantom_volume(slices: int, size: int = 256, seed: int = 0) -> Volume:
 def run_bench(device_name: str | None, slices: int, batch_size: int, baseline_slices: int,
               repeat: int | None = None) -> dict:
     """``repeat``: timed calls per measurement (default 3 for the encoder, 20 for the decoder)."""
-    from .engine import open_segmenter
+    from ..weights.catalogue import open_segmenter
 
     device = pick_device(device_name)
     opened = open_segmenter(device=str(device), modality="CT")
@@ -126,7 +126,7 @@ def run_bench(device_name: str | None, slices: int, batch_size: int, baseline_sl
     base_net.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pixel_")},
                              strict=False)
     base_net.image_encoder.load_state_dict(model.image_encoder.state_dict())
-    from .preprocess import normalize_slice
+    from ..core.preprocess import normalize_slice
 
     n_base = min(baseline_slices, slices)
     t = time.perf_counter()

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import open_segmenter
-from .image import Volume
-from .io import write_labelmap
-from .sample import dermoscopy_sample, dice
-from .volume import SegmentOptions, segment_volume
+from ..weights.catalogue import open_segmenter
+from ..core.volume import Volume
+from ..io import write_labelmap
+from ..io.sample import dermoscopy_sample, dice
+from ..core.predictor import segment_volume
 
 
 def run(args: argparse.Namespace) -> int:
     if args.input:
-        from . import cli, segment_cmd
+        from . import main as cli, segment as segment_cmd
 
         argv = ["segment", str(args.input), "-o", str(args.output), "--device", args.device]
         return segment_cmd.run(cli.build_parser().parse_args(argv + (["--overwrite"] if args.overwrite else [])))
@@ -35,9 +35,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     opened = open_segmenter(device=args.device, modality="RGB", is_rgb=True)
     t_load = time.perf_counter() - t0
-    options = SegmentOptions(empty_y0="skip" if opened.trained else "full_box")
     t1 = time.perf_counter()
-    mask, results = segment_volume(opened.segmenter, volume, options)
+    mask, results = segment_volume(opened.segmenter, volume)
     t_seg = time.perf_counter() - t1
     r = results[0]
     write_labelmap(out, mask, volume.ijk_to_ras, [{"label": 1, "name": "Lesion", "color": (0.8, 0.3, 0.2)}],

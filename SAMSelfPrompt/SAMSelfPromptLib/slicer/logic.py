@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import logic_mrml as mrml
-from .errors import InputError
-from .jobs import EventKind, Job, JobContext, JobEvent, Worker
-from .logic_runs import BatchRun, Run, UndoState
+from . import mrml
+from ..errors import InputError
+from ..runtime.jobs import EventKind, Job, JobContext, JobEvent, Worker
+from .runs import BatchRun, Run, UndoState
 
 # The backbones the widget offers (models.MODEL_SPECS, listed here so that the widget needs no torch).
 MODEL_CHOICES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
@@ -51,11 +51,11 @@ class SAMSelfPromptLogic:
         """Build or reuse the Segmenter; runs on the worker thread (loading takes seconds)."""
         key = (model, str(checkpoint or ""), device)
         if key not in self._segmenters:
-            from .volume import Segmenter
+            from ..core.predictor import Segmenter
 
             if ctx:
                 ctx.emit(EventKind.MESSAGE, f"Loading model {model}...")
-            from .engine import click_model_for
+            from ..weights.catalogue import click_model_for
 
             net, meta = load_model(model, checkpoint, ctx)
             # Corrections use the shipped click-trained model of the same modality when there is one.
@@ -72,12 +72,12 @@ class SAMSelfPromptLogic:
         Only existence and size are checked here (main thread, instant); the sha256 is
         verified on the worker by ``download.ensure_weights`` before the file is used.
         """
-        from .models import MODEL_SPECS
+        from ..modeling.backbones import MODEL_SPECS
 
         spec = MODEL_SPECS[model].download if model in MODEL_SPECS else None
         if spec is None:
             return None
-        from .download import cache_dir
+        from ..weights.download import cache_dir
 
         path = cache_dir() / spec.filename
         return None if path.is_file() and path.stat().st_size == spec.size else spec
@@ -101,7 +101,7 @@ class SAMSelfPromptLogic:
         elif not segmentation_node.GetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole()):
             mrml.link_to_volume(segmentation_node, volume_node)
         sid = mrml.output_segment(segmentation_node, segment_name, segment_id, color)
-        from .volume import SegmentOptions, resolve_axis
+        from ..core.predictor import SegmentOptions, resolve_axis
 
         opts = options or SegmentOptions()
         opts.axis, opts.slice_range = axis, slice_range
@@ -145,7 +145,7 @@ class SAMSelfPromptLogic:
         checkpoint: str | Path | None = None, device: str = "auto",
     ) -> Run:
         """Refine the one slice the clicks are on; the write (after an undo snapshot) happens in poll()."""
-        from .volume import SegmentOptions, SliceResult, resolve_axis
+        from ..core.predictor import SegmentOptions, SliceResult, resolve_axis
 
         volume = mrml.volume_from_node(volume_node)
         ax = resolve_axis(volume, axis)
@@ -185,7 +185,7 @@ class SAMSelfPromptLogic:
                     checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
                     epochs: int = 3, axis: str | int = "auto", device: str = "cpu") -> Run:
         """Fine-tune on (volume node, segmentation node, segment id) triples; see ``logic_adapt``."""
-        from .logic_adapt import adapt_job, training_pairs
+        from .adapt import adapt_job, training_pairs
 
         samples = training_pairs(pairs, axis)
         run = Run("adapt", pairs[0][0].GetScene(), pairs[0][0].GetID(), pairs[0][1].GetID(), pairs[0][2], 0, total=epochs, name="Adapt")
@@ -290,9 +290,9 @@ def bounding_box(mask: np.ndarray) -> np.ndarray | None:
 
 def load_model(model: str, checkpoint: str | Path | None, ctx: JobContext | None = None):
     """(network, metadata): a SAM-SP checkpoint, a weights file for ``model``, or the cached download."""
-    from .checkpoints import load_samsp, read_samsp
-    from .errors import CheckpointError
-    from .models import build_model
+    from ..weights.checkpoint import load_samsp, read_samsp
+    from ..errors import CheckpointError
+    from ..modeling.backbones import build_model
 
     if checkpoint:
         try:
@@ -302,7 +302,7 @@ def load_model(model: str, checkpoint: str | Path | None, ctx: JobContext | None
         return load_samsp(checkpoint)
     weights = None
     if model != "litemedsam":
-        from .download import cached_weights
+        from ..weights.download import cached_weights
 
         weights = cached_weights(model)
         if weights is None:
@@ -312,8 +312,8 @@ def load_model(model: str, checkpoint: str | Path | None, ctx: JobContext | None
 
 def fetch_weights(model: str, ctx: JobContext) -> None:
     """Download (consent was given on the main thread) with progress; sha256 is checked by ensure_weights."""
-    from .download import ensure_weights
-    from .models import MODEL_SPECS
+    from ..weights.download import ensure_weights
+    from ..modeling.backbones import MODEL_SPECS
 
     if model not in MODEL_SPECS or MODEL_SPECS[model].download is None:
         return

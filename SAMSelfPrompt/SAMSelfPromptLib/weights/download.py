@@ -16,9 +16,9 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from .checkpoints import sha256_of
-from .errors import DownloadError
-from .models import MODEL_SPECS, DownloadSpec
+from ..errors import DownloadError
+from ..io.files import cache_dir, sha256_of
+from ..modeling.backbones import MODEL_SPECS, DownloadSpec
 
 CHUNK = 1 << 16
 ATTEMPTS = 3  # a dropped connection is retried from where it stopped, this many times in all
@@ -28,12 +28,6 @@ Progress = Callable[[int, int], None]
 
 # (path, size, mtime_ns) -> sha256 already checked, so a 2.5 GB ViT-H is hashed once per process.
 _verified: dict[tuple[str, int, int], str] = {}
-
-
-def cache_dir() -> Path:
-    """$SAMSELFPROMPT_CACHE, else ~/.cache/samselfprompt (not created until a download)."""
-    env = os.environ.get("SAMSELFPROMPT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "samselfprompt"
 
 
 def download_spec(model_id: str) -> DownloadSpec:

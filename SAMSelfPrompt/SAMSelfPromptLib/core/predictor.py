@@ -9,19 +9,20 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .errors import Cancelled, InputError
-from .frozen_encoder import encoder_for
-from .image import Volume
-from .models import SamBackbone, autocast_for, pick_device
+from ..errors import Cancelled, InputError
+from ..modeling.traced_encoder import encoder_for
+from .volume import Volume
+from ..modeling.backbones import SamBackbone, autocast_for, pick_device
 from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
 from .selfprompt import box_prompt, refine, self_prompt
-from .slice_orientation import SliceOrientation
+from .masks import mask_box
+from .orientation import SliceOrientation
 
 AXIS_NAMES = {"K": 0, "J": 1, "I": 2}
 # Which RAS axis a named anatomical plane's slices are stacked along.
@@ -67,7 +68,10 @@ class SegmentOptions:
     ct_window: str = "abdomen"
     batch_size: int = 4
     boxes: dict[int, Sequence[float]] | None = None  # expert boxes per slice, slice pixels x0 y0 x1 y1
-    empty_y0: str = "skip"  # "skip": empty no-prompt mask means no object; "full_box": prompt the whole slice
+    # What an empty no-prompt mask means. "skip": no object on this slice; "full_box": prompt the whole
+    # slice instead. None: the Segmenter decides ("skip" for a trained SAM-SP model, "full_box" for a
+    # vanilla backbone, whose no-prompt pass is untrained and empty on every slice).
+    empty_y0: str | None = None
     propagate: bool = False  # carry the previous slice's box to the next (LiteMedSAM-style)
     min_area: int = 10  # propagation stops when a slice's mask is smaller than this (pixels)
     cleanup_3d: bool = False  # keep the largest 3D connected component at the end
@@ -84,7 +88,7 @@ class SliceResult:
     logits: torch.Tensor | None = field(default=None, repr=False)
 
 
-class EmbeddingCache:
+class SliceEmbeddingCache:
     """LRU of slice embeddings (fp16 on the CPU), bounded in bytes."""
 
     def __init__(self, max_bytes: int = 1 << 30):
@@ -142,13 +146,25 @@ class Segmenter:
             raise InputError(f"click model base {refiner.spec.model_id} differs from {model.spec.model_id}")
         self.refiner = refiner.to(self.device).eval() if refiner is not None else None
         self.metadata = metadata or {}
-        self.cache = EmbeddingCache()
+        self.cache = SliceEmbeddingCache()
         self.encoder_calls = 0  # slices actually encoded; tests use it to prove cache reuse
         # Command-line runs set this: on the CPU a request of 24+ slices then traces the encoder
         # once (frozen_encoder.py: 14 s, then 22% less per slice). Off for the Slicer worker,
         # where the Python-level tracing would hold the GIL against the UI for those seconds.
         self.trace_encoder = False
         self._traced_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def trained(self) -> bool:
+        """A SAM-SP checkpoint is loaded: its prompt-free first pass is meaningful."""
+        return bool(self.metadata)
+
+    def resolved(self, options: SegmentOptions | None) -> SegmentOptions:
+        """``options`` with the defaults that depend on the model filled in."""
+        options = options or SegmentOptions()
+        if options.empty_y0 is None:
+            options = replace(options, empty_y0="skip" if self.trained else "full_box")
+        return options
 
     def _encoder(self, n_slices: int) -> Callable[[torch.Tensor], torch.Tensor]:
         if self._traced_encode is None and self.trace_encoder:
@@ -210,7 +226,7 @@ class Segmenter:
         progress: Callable[[int, int], None] | None = None,
     ) -> Iterator[SliceResult]:
         """Stream one SliceResult per slice; cancel is honoured between batches of slices."""
-        options = options or SegmentOptions()
+        options = self.resolved(options)
         axis = resolve_axis(volume, options.axis)
         n = volume.array.shape[axis] if not volume.is_rgb else 1
         start, stop = options.slice_range or (0, n)
@@ -369,14 +385,6 @@ def _empty(k: int, frame: Frame | None, orient: SliceOrientation | None = None, 
     return SliceResult(k, np.zeros(shape, bool), None, "none", 0.0, None)
 
 
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """The tight box (x0, y0, x1, y1) of a slice mask in pixel indices, None if the mask is empty."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
-
-
 def largest_component_3d(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 26-connected component; a slice-wise model leaves stray blobs."""
     from scipy import ndimage
@@ -396,18 +404,19 @@ def segment_volume(
     cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_slice: Callable[[SliceResult], None] | None = None,
-) -> tuple[np.ndarray, list[SliceResult]]:
-    """Run a whole volume and assemble a K x J x I uint8 mask (1 = object)."""
-    options = options or SegmentOptions()
+    assemble: bool = True,
+) -> tuple[np.ndarray | None, list[SliceResult]]:
+    """Run a whole volume and assemble a K x J x I uint8 mask (1 = object); None without ``assemble``."""
+    options = segmenter.resolved(options)
     axis = resolve_axis(volume, options.axis)
-    shape = volume.shape_kji
-    mask = np.zeros(shape, np.uint8)
+    mask = np.zeros(volume.shape_kji, np.uint8) if assemble else None
     results = []
     for r in segmenter.segment(volume, options, cancel, progress):
-        put_slice(mask, axis, r.index, r.mask)
+        if mask is not None:
+            put_slice(mask, axis, r.index, r.mask)
         results.append(r)
         if on_slice:
             on_slice(r)
-    if options.cleanup_3d and mask.any():
+    if mask is not None and options.cleanup_3d and mask.any():
         mask = largest_component_3d(mask).astype(np.uint8)
     return mask, results

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, SamSelfPromptError
-from .image import Volume
-from .io import list_dicom_series, read_any, read_dicom_series, write_labelmap
-from .io.writers import OutputExistsError
-from .io.images import PICTURE_SUFFIXES, VOLUME_SUFFIXES
-from .io.writers import full_suffix as _suffix
-from .volume import SegmentOptions, segment_volume
+from ..errors import InputError, SamSelfPromptError
+from ..core.volume import Volume
+from ..io import list_dicom_series, read_any, read_dicom_series, write_labelmap
+from ..io.writers import OutputExistsError
+from ..io.images import PICTURE_SUFFIXES, VOLUME_SUFFIXES
+from ..io.writers import full_suffix as _suffix
+from ..core.predictor import SegmentOptions, segment_volume
 
 OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".dcm")
 
@@ -100,11 +100,11 @@ def parse_slices(text: str | None) -> tuple[int, int] | None:
         raise InputError(f"--slices expects START:STOP or one index, got '{text}'") from None
 
 
-def options_from_args(args: argparse.Namespace, volume: Volume, trained: bool) -> SegmentOptions:
+def options_from_args(args: argparse.Namespace, volume: Volume) -> SegmentOptions:
     rng = parse_slices(args.slices)
     boxes = None
     if args.box is not None:
-        from .volume import resolve_axis
+        from ..core.predictor import resolve_axis
 
         axis = resolve_axis(volume, args.axis)
         n = volume.array.shape[axis] if not volume.is_rgb else 1
@@ -113,12 +113,11 @@ def options_from_args(args: argparse.Namespace, volume: Volume, trained: bool) -
     return SegmentOptions(
         axis=args.axis, slice_range=rng, boxes=boxes, propagate=args.propagate, cleanup_3d=args.cleanup,
         batch_size=args.batch_size, ct_window=args.window,
-        empty_y0="skip" if trained else "full_box",
     )
 
 
 def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache: dict) -> dict:
-    from .engine import open_segmenter
+    from ..weights.catalogue import open_segmenter
 
     t0 = time.perf_counter()
     if out_path.exists() and not args.overwrite:  # refuse before any work, not after segmenting
@@ -130,7 +129,7 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
                                            volume.modality, volume.is_rgb)
         opened_cache[key].segmenter.trace_encoder = True  # long CPU runs trace the encoder once
     opened = opened_cache[key]
-    options = options_from_args(args, volume, opened.trained)
+    options = options_from_args(args, volume)
     bar = _progress_bar(case.name, args.quiet)
     mask, results = segment_volume(opened.segmenter, volume, options, progress=bar.update)
     bar.close()

@@ -15,14 +15,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .clicks import next_click
-from .models import SamBackbone
-from .preprocess import Frame, logits_to_slice
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
+from ..core.clicks import next_click
+from ..modeling.backbones import SamBackbone
+from ..core.masks import dice
+from ..core.preprocess import Frame, logits_to_slice
 
 
 @torch.no_grad()
@@ -40,7 +36,7 @@ def click_curve(
     gt = gt.astype(bool)
     prev = start_logits.reshape(1, 1, *start_logits.shape[-2:]).to(dev, torch.float32)
     pred = (logits_to_slice(prev, frame) > 0).cpu().numpy()
-    curve = [_dice(pred, gt)]
+    curve = [dice(pred, gt)]
     points: list[tuple[float, float]] = []
     labels: list[int] = []
     emb = embedding.reshape(1, *embedding.shape[-3:]).to(dev, torch.float32)
@@ -57,7 +53,7 @@ def click_curve(
         lab = torch.tensor([labels], device=dev)
         prev, _ = model.decode(emb, boxes=box, points=(coords, lab), mask_logits=prev)
         pred = (logits_to_slice(prev, frame) > 0).cpu().numpy()
-        curve.append(_dice(pred, gt))
+        curve.append(dice(pred, gt))
     curve += [curve[-1]] * (max_clicks + 1 - len(curve))
     return curve
 
@@ -101,7 +97,7 @@ def prompt_free_starts(model: SamBackbone, emb: torch.Tensor, frames: Sequence[F
                        batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the user starts clicking: SAM-SP's y1 and its box, or for an untrained model its
     whole-image-box result (its best prompt-free output: its no-prompt pass is empty)."""
-    from .selfprompt import self_prompt
+    from ..core.selfprompt import self_prompt
 
     dev = model.device
     full = torch.stack([torch.as_tensor(f.full_box()) for f in frames])

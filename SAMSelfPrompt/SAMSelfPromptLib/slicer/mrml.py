@@ -26,8 +26,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .errors import InputError
-from .image import Volume
+from ..errors import InputError
+from ..core.volume import Volume
 
 SOURCE_TAG = "SAMSelfPrompt.Source"  # segment tag marking segments this module created
 DEFAULT_COLOR = (0.95, 0.75, 0.2)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import SamBackbone
+from ..modeling.backbones import SamBackbone
 
 
 def box_from_logits(logits: torch.Tensor, fallback: torch.Tensor, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,14 +46,6 @@ def box_from_logits(logits: torch.Tensor, fallback: torch.Tensor, image_size: in
         boxes = torch.stack([x0 * scale, y0 * scale, (x1 + 1) * scale - 1, (y1 + 1) * scale - 1], dim=1).float()
         boxes = torch.where(empty[:, None], fallback.to(boxes), boxes)
     return boxes, empty
-
-
-def box_from_mask(mask: torch.Tensor) -> torch.Tensor | None:
-    """x0, y0, x1, y1 (inclusive pixel indices) of a 2D boolean mask, or None if empty."""
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    if ys.numel() == 0:
-        return None
-    return torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
 
 
 @dataclass

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .image import Volume
-from .io.dicom import LPS_TO_RAS
+from .volume import Volume
+from ..io.dicom import LPS_TO_RAS
 
 
 @dataclass(frozen=True)

@@ -22,19 +22,16 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .models import SamBackbone
-from .preprocess import Frame, logits_to_slice
-from .selfprompt import box_from_logits, box_from_mask, self_prompt
+from ..modeling.backbones import SamBackbone
+from ..core.preprocess import Frame, logits_to_slice
+from ..core.selfprompt import box_from_logits, self_prompt
+from ..core.masks import dice, mask_box
 
 VANILLA_ROWS = ("no_prompt", "full_box", "self_box", "gt_box")
 TRAINED_ROWS = ("samsp_y0", "samsp")
 
 
 # --- metrics ---------------------------------------------------------------------------------
-
-def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
-    total = int(pred.sum()) + int(gt.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, gt).sum()) / total
 
 
 def iou_score(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -60,7 +57,7 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float] = (1.0, 
 
 
 def case_metrics(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float]) -> dict[str, float]:
-    return {"dice": dice_score(pred, gt), "iou": iou_score(pred, gt), "hd95": hd95(pred, gt, spacing)}
+    return {"dice": dice(pred, gt), "iou": iou_score(pred, gt), "hd95": hd95(pred, gt, spacing)}
 
 
 # --- predictions on cached embeddings ----------------------------------------------------------
@@ -73,8 +70,8 @@ def gt_boxes(masks: Sequence[np.ndarray], frames: Sequence[Frame]) -> torch.Tens
     """The expert box: the ground-truth mask's bounding box in model pixels (full box if empty)."""
     out = []
     for mask, frame in zip(masks, frames):
-        box = box_from_mask(torch.from_numpy(np.asarray(mask)))
-        out.append(frame.full_box() if box is None else frame.box_to_model(box.numpy()))
+        box = mask_box(mask)
+        out.append(frame.full_box() if box is None else frame.box_to_model(box))
     return torch.from_numpy(np.stack(out).astype(np.float32))
 
 
@@ -196,6 +193,6 @@ def evaluate_samples(vanilla: SamBackbone, trained: dict[str, SamBackbone], samp
 
 
 def encoder_same(a: SamBackbone, b: SamBackbone) -> bool:
-    from .training.embedding_cache import encoder_fingerprint
+    from ..training.embedding_cache import encoder_fingerprint
 
     return a.spec.model_id == b.spec.model_id and encoder_fingerprint(a) == encoder_fingerprint(b)

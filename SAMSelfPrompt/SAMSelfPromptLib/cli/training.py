@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..preprocess import CT_WINDOWS, ct_window
+from ..core.preprocess import CT_WINDOWS, ct_window
 
 DEFAULT_PH2_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "samsp_ph2_litemedsam.pt"
 
@@ -78,13 +78,13 @@ def register(subparsers) -> None:
 
 
 def _cache(args):
-    from .embedding_cache import EmbeddingCache
+    from ..training.embedding_cache import DiskEmbeddingCache
 
-    return EmbeddingCache(args.cache)
+    return DiskEmbeddingCache(args.cache)
 
 
 def _volume_samples(image: str, label: str, ids, window: str):
-    from .data import load_volume
+    from ..training.data import load_volume
 
     if not ids:
         raise SystemExit("--label-id is required with --image/--label")
@@ -92,7 +92,7 @@ def _volume_samples(image: str, label: str, ids, window: str):
 
 
 def _is_ct(path: str) -> bool:
-    from .data import read_volume
+    from ..training.data import read_volume
 
     arr, _ = read_volume(path, None)
     return float(arr.min()) < -500
@@ -101,9 +101,9 @@ def _is_ct(path: str) -> bool:
 def run_train(args) -> int:
     import torch
 
-    from .api import base_model, train_samples
-    from .data import folder_ids, load_folder
-    from .trainer import TrainConfig
+    from ..training.api import base_model, train_samples
+    from ..training.data import folder_ids, load_folder
+    from ..training.trainer import TrainConfig
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     config = TrainConfig(mode=args.mode, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
@@ -112,7 +112,7 @@ def run_train(args) -> int:
                          click_rounds=args.click_rounds, click_weight=args.click_weight, val_from=args.val_from)
     t0 = time.time()
     if args.fewshot_slices is not None:
-        from .fewshot import fewshot_command
+        from ..training.fewshot import fewshot_command
 
         return fewshot_command(args, config)
     if args.image:
@@ -164,10 +164,10 @@ def _init_distributed(device: str) -> tuple[str, int]:
 def run_evaluate(args) -> int:
     import torch
 
-    from ..checkpoints import load_samsp
-    from ..evaluate import evaluate_samples
-    from ..models import build_model, pick_device
-    from .data import load_folder
+    from ..weights.checkpoint import load_samsp
+    from ..evaluation.evaluate import evaluate_samples
+    from ..modeling.backbones import build_model, pick_device
+    from ..training.data import load_folder
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
     if args.image:
@@ -198,8 +198,8 @@ def run_evaluate(args) -> int:
 
 def _click_metrics(args, vanilla, samsp, samples, device) -> tuple[dict, dict]:
     """Rows: the untrained model (baseline), the evaluated checkpoint, and any named extras."""
-    from ..checkpoints import load_samsp
-    from ..evaluate_clicks import click_rows, clicks_markdown, prompt_free_starts
+    from ..weights.checkpoint import load_samsp
+    from ..evaluation.clicks import click_rows, clicks_markdown, prompt_free_starts
 
     emb, frames = _cache(args).embed(vanilla, samples, progress=True)
     models = {"vanilla": vanilla, "samsp": samsp}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .models import LOW_RES, SamBackbone
+from ..modeling.backbones import LOW_RES, SamBackbone
 
 # SAM's label for "no point here": lets a batch carry samples that need no click this round.
 NOT_A_POINT = -1

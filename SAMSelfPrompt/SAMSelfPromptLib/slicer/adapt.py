@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import logic_mrml as mrml
-from .errors import InputError
-from .jobs import EventKind, JobContext
+from . import mrml
+from ..errors import InputError
+from ..runtime.jobs import EventKind, JobContext
 
 
 def training_pairs(pairs: Sequence[tuple[Any, Any, str]], axis: str | int = "auto") -> list[tuple[list, list, Any]]:
     """[(images, masks, intensity)] per volume: every slice where the segment has voxels."""
-    from .preprocess import guess_intensity
-    from .slice_orientation import SliceOrientation
-    from .volume import resolve_axis, take_slice
+    from ..core.preprocess import guess_intensity
+    from ..core.orientation import SliceOrientation
+    from ..core.predictor import resolve_axis, take_slice
 
     out = []
     for volume_node, segmentation_node, segment_id in pairs:
@@ -45,7 +45,7 @@ def training_pairs(pairs: Sequence[tuple[Any, Any, str]], axis: str | int = "aut
 
 
 def adapted_dir() -> Path:
-    from .download import cache_dir
+    from ..weights.download import cache_dir
 
     return cache_dir() / "adapted"
 
@@ -54,9 +54,9 @@ def adapt_job(logic, samples, model: str, checkpoint, out_dir, epochs: int, devi
     """The worker function: train, save atomically, return {"checkpoint": path, ...}."""
 
     def run(ctx: JobContext) -> dict[str, Any]:
-        from .training.api import base_model, train_samples
-        from .training.data import array_samples
-        from .training.trainer import TrainConfig
+        from ..training.api import base_model, train_samples
+        from ..training.data import array_samples
+        from ..training.trainer import TrainConfig
 
         data = []
         for n, (images, masks, intensity) in enumerate(samples):
@@ -89,8 +89,8 @@ def _samsp_or_none(checkpoint) -> str | None:
     """Continue from a SAM-SP checkpoint; a plain weights file is not a starting point here."""
     if not checkpoint:
         return None
-    from .checkpoints import read_samsp
-    from .errors import CheckpointError
+    from ..weights.checkpoint import read_samsp
+    from ..errors import CheckpointError
 
     try:
         read_samsp(checkpoint)

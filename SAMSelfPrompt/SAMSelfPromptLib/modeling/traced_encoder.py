@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .models import SamBackbone
+from .backbones import SamBackbone
 
 # Below this many images the ~14 s tracing cost is not won back (0.6 s saved per image).
 MIN_IMAGES_TO_TRACE = 24

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .models import SamBackbone
+from .backbones import SamBackbone
 
 
 def has_lora(model: SamBackbone) -> bool:

