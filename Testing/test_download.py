@@ -1,5 +1,5 @@
 """Model download against a real HTTP server on 127.0.0.1 (no internet): consent,
-verification, resume with Range, restart when Range is ignored, cache reuse."""
+verification, resume with Range, restart when Range is ignored, cache reuse, cancel."""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SAMSelfPromptLib.weights.download import cache_dir, cached_weights, ensure_weights
-from SAMSelfPromptLib.errors import DownloadError
+from SAMSelfPromptLib.weights.download import CHUNK, cache_dir, cached_weights, ensure_weights
+from SAMSelfPromptLib.errors import Cancelled, DownloadError
 from SAMSelfPromptLib.modeling.backbones import DownloadSpec
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
@@ -168,3 +168,31 @@ def test_medsam_has_no_download(cache):
         ensure_weights("medsam_vit_b", _yes)
     with pytest.raises(DownloadError, match="unknown model"):
         ensure_weights("nope", _yes)
+
+
+def test_cancel_keeps_the_part_file_and_a_later_call_resumes(server, cache):
+    cancel = threading.Event()
+    seen: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        cancel.set()  # the user presses Cancel while the first chunk is being reported
+
+    with pytest.raises(Cancelled, match="resumes"):
+        ensure_weights("sam_vit_b", _yes, progress=progress, spec=_spec(server), cancel=cancel)
+    assert seen == [CHUNK]  # stopped right after the first chunk, not retried
+    assert not (cache / "w.pth").exists()
+    assert (cache / "w.pth.part").read_bytes() == PAYLOAD[:CHUNK]
+    assert server.requests == [None]
+
+    path = ensure_weights("sam_vit_b", _yes, spec=_spec(server))  # no cancel: resumes and verifies
+    assert path.read_bytes() == PAYLOAD and not (cache / "w.pth.part").exists()
+    assert server.requests == [None, f"bytes={CHUNK}-"]
+
+
+def test_cancel_set_before_the_start_requests_nothing(server, cache):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        ensure_weights("sam_vit_b", _yes, spec=_spec(server), cancel=cancel)
+    assert server.requests == []

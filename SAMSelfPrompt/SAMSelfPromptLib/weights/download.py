@@ -3,20 +3,23 @@
 Nothing here runs at import time. ``ensure_weights`` asks the host for consent
 (the host shows the size and decides), streams into ``<file>.part`` so an
 interrupted download resumes with an HTTP Range request, and only moves the file
-into the cache after its size and sha256 match the registry. MedSAM has no public
-direct URL: it is used from a checkpoint file the user passes (``--weights FILE``).
+into the cache after its size and sha256 match the registry. A ``cancel`` event is
+checked between chunks: cancelling raises ``Cancelled`` and keeps the ``.part`` file, so
+the next call resumes where it stopped. MedSAM has no public direct URL: it is used from
+a checkpoint file the user passes (``--weights FILE``).
 """
 from __future__ import annotations
 
 import http.client
 import os
 import re
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from ..errors import DownloadError
+from ..errors import Cancelled, DownloadError
 from ..io.files import cache_dir, sha256_of
 from ..modeling.backbones import MODEL_SPECS, DownloadSpec
 
@@ -67,12 +70,16 @@ def ensure_weights(
     progress: Progress | None = None,
     url: str | None = None,
     spec: DownloadSpec | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """The verified weights file for ``model_id``, downloading it (with consent) if needed.
 
     ``url`` and ``spec`` override the registry (a mirror, or a test server with a small
     payload). Raises DownloadError when consent is refused, the server fails after
     retries, or the bytes do not verify; a failed verification leaves nothing behind.
+    ``cancel`` (set from another thread) is checked before each attempt and after each
+    chunk: it raises ``Cancelled`` and leaves ``<file>.part`` in the cache, so that a later
+    call resumes the download from there instead of starting over.
     """
     spec = spec or download_spec(model_id)
     final = cache_dir() / spec.filename
@@ -87,7 +94,7 @@ def ensure_weights(
     last: Exception | None = None
     for _ in range(ATTEMPTS):
         try:
-            _fetch_into(url or spec.url, part, spec.size, progress)
+            _fetch_into(url or spec.url, part, spec.size, progress, cancel)
             break
         except (OSError, http.client.HTTPException) as exc:  # URLError, reset, IncompleteRead
             last = exc
@@ -110,8 +117,17 @@ def ensure_weights(
     return final
 
 
-def _fetch_into(url: str, part: Path, size: int, progress: Progress | None) -> None:
+def _check_cancel(cancel: threading.Event | None, part: Path, size: int) -> None:
+    if cancel is not None and cancel.is_set():
+        done = part.stat().st_size if part.exists() else 0
+        raise Cancelled(f"download of {part.name.removesuffix('.part')} cancelled at {done} of {size} bytes; "
+                        "the partial file is kept and the next run resumes it")
+
+
+def _fetch_into(url: str, part: Path, size: int, progress: Progress | None,
+                cancel: threading.Event | None = None) -> None:
     """Append the rest of ``url`` to ``part``: Range from its current size, restart if ignored."""
+    _check_cancel(cancel, part, size)
     have = part.stat().st_size if part.exists() else 0
     if have > size:  # longer than the real file: it cannot be a prefix of it
         part.unlink()
@@ -143,5 +159,8 @@ def _fetch_into(url: str, part: Path, size: int, progress: Progress | None) -> N
                 have += len(block)
                 if progress is not None:
                     progress(have, size)
+                if cancel is not None and cancel.is_set():
+                    fh.close()  # the bytes so far are kept for the resume
+                    _check_cancel(cancel, part, size)
     if have < size:  # the server closed early without an error
         raise http.client.IncompleteRead(b"", size - have)
