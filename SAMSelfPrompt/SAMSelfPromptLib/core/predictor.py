@@ -6,7 +6,6 @@ prompts never re-encodes a slice it has seen.
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -128,9 +127,7 @@ class SliceEmbeddingCache:
 
 def volume_key(volume: Volume) -> str:
     """Content hash: the cache must not confuse two volumes that share a name."""
-    h = hashlib.sha1(np.ascontiguousarray(volume.array).view(np.uint8))
-    h.update(str(volume.array.shape).encode() + str(volume.array.dtype).encode())
-    return h.hexdigest()
+    return volume.content_key()
 
 
 class Segmenter:

@@ -1,6 +1,7 @@
 """The one in-memory form every host hands the engine: an array plus its IJK->RAS matrix."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,7 @@ class Volume:
     modality: str | None = None
     name: str = "volume"
     source_files: list[str] = field(default_factory=list)
+    _content_key: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.ijk_to_ras = np.asarray(self.ijk_to_ras, dtype=np.float64)
@@ -39,6 +41,16 @@ class Volume:
     @property
     def shape_kji(self) -> tuple[int, int, int]:
         return tuple(self.array.shape[:3])  # type: ignore[return-value]
+
+    def content_key(self) -> str:
+        """A hash of the voxels, computed once per Volume: embedding caches must not confuse two
+        volumes that share a name, and a host that keeps its Volume (one per node) hashes it once,
+        not on every click. The array is treated as read-only after the first call."""
+        if self._content_key is None:
+            h = hashlib.sha1(np.ascontiguousarray(self.array).view(np.uint8))
+            h.update(str(self.array.shape).encode() + str(self.array.dtype).encode())
+            self._content_key = h.hexdigest()
+        return self._content_key
 
     @property
     def spacing(self) -> np.ndarray:

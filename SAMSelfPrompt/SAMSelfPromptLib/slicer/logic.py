@@ -1,14 +1,17 @@
-"""The Slicer module's Logic: runs on MRML only, never Qt, and is what the tests drive.
+"""The Slicer module's Logic: MRML in and out around the engine's one job path; never Qt.
 
-Threading: one persistent ``Worker`` thread owns the model (kept warm between runs) and
-does every slow step (model loading, downloads, encoding, decoding, training). It
-never touches MRML: it only queues events. The host calls ``poll()`` on the main
-thread (the widget from a QTimer, tests and scripts from ``wait``); ``poll`` drains
-the queue and applies each event to MRML there: one finished slice is written into
-its segment at a time, so the segment grows live while the rest keeps running.
+Threading: one persistent ``Worker`` thread owns the models (kept warm between runs) and
+does every slow step (model loading, downloads, encoding, decoding, training). It never
+touches MRML: it only queues events. The host calls ``poll()`` on the main thread (the
+controller from a QTimer or the web app's loop, scripts from ``wait``); ``poll`` drains the
+queue and applies each event to MRML there: one finished slice is written into its segment
+at a time, within that slice's extent, so the segment grows live while the rest runs.
 
-Torch and the engine are imported lazily, inside the methods that need them, so the
-module (and this file) can be loaded before the user agreed to install torch.
+Which model runs is the catalogue's decision (``weights.catalogue.choose_model``), the same
+one the CLI and the web app ask; what runs is the engine's ``runtime.jobs.segmentation_job``.
+
+Torch and the engine are imported lazily, inside the methods that need them, so the module
+(and this file) can be loaded before the user agreed to install torch.
 """
 from __future__ import annotations
 
@@ -16,17 +19,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
+import slicer
 
 from . import mrml
-from ..errors import InputError
+from ..errors import InputError, SamSelfPromptError
 from ..runtime.jobs import EventKind, Job, JobContext, JobEvent, Worker
 from .runs import BatchRun, Run, UndoState
 
-# The backbones the widget offers (models.MODEL_SPECS, listed here so that the widget needs no torch).
+# The backbones the widget offers (modeling.backbones.MODEL_SPECS, listed here so that the widget needs no torch).
 MODEL_CHOICES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-ModelKey = tuple[str, str, str]  # (model id, checkpoint path or "", requested device)
+SliceKey = tuple[str, str, str, int, int]  # (volume id, segmentation id, segment id, axis, slice index)
+
+
+class RunFailed(SamSelfPromptError):
+    """A blocking call's run ended without a result; the message says why."""
 
 
 class SAMSelfPromptLogic:
@@ -37,48 +44,47 @@ class SAMSelfPromptLogic:
         self.runs: dict[int, Run] = {}
         self.undo_stack: list[UndoState] = []
         self.max_undo = 20
-        self._segmenters: dict[ModelKey, Any] = {}  # touched only on the worker thread (and by add_segmenter)
-        self._last_results: dict[tuple[str, int, int], Any] = {}  # (volume node id, axis, k) -> SliceResult
         self.adapted_checkpoints: list[Path] = []
+        self._segmenters: dict[tuple, Any] = {}  # (ModelChoice, device) -> Segmenter; touched on the worker only
+        # The last model answer written per slice of a segment: a correction starts from its logits.
+        self._last_results: dict[SliceKey, Any] = {}
+        self._volumes: dict[str, tuple[int, Any]] = {}  # node id -> (image data MTime, Volume): copy and hash once
+        self._observed_scenes: dict[int, tuple[Any, int]] = {}
 
-    # --- models ---------------------------------------------------------------------------------
-    def add_segmenter(self, segmenter, model: str = "litemedsam", checkpoint: str | Path | None = None,
-                      device: str = "auto") -> None:
-        """Register an already warm Segmenter (tests, or a host that built one itself)."""
-        self._segmenters[(model, str(checkpoint or ""), device)] = segmenter
+    # --- models -----------------------------------------------------------------------------------
+    def choose_model(self, volume, model: str = "litemedsam", checkpoint: str | Path | None = None):
+        """The catalogue's choice for this input (instant; the model itself loads on the worker)."""
+        from ..weights.catalogue import choose_model
 
-    def _segmenter(self, model: str, checkpoint: str | Path | None, device: str, ctx: JobContext | None = None):
-        """Build or reuse the Segmenter; runs on the worker thread (loading takes seconds)."""
-        key = (model, str(checkpoint or ""), device)
-        if key not in self._segmenters:
-            from ..core.predictor import Segmenter
+        return choose_model(model, None, checkpoint, volume.modality, volume.is_rgb)
 
-            if ctx:
-                ctx.emit(EventKind.MESSAGE, f"Loading model {model}...")
-            from ..weights.catalogue import click_model_for
+    def _segmenter_loader(self, choice, device: str) -> Callable[[JobContext], Any]:
+        """A function the worker calls to get the warm Segmenter for ``choice`` (loading it once)."""
 
-            net, meta = load_model(model, checkpoint, ctx)
-            # Corrections use the shipped click-trained model of the same modality when there is one.
-            modality = str((meta.get("intensity") or {}).get("modality") or meta.get("modality") or "")
-            refiner = None if meta.get("role") == "clicks" or not modality else click_model_for(
-                net.spec.model_id, meta, modality, modality == "RGB")
-            self._segmenters[key] = Segmenter(net, None if device == "auto" else device, meta, refiner)
-        return self._segmenters[key]
+        def load(ctx: JobContext):
+            key = (choice, device)
+            if key not in self._segmenters:
+                from ..weights.catalogue import open_model
+
+                ctx.emit(EventKind.MESSAGE, f"Loading {choice.label}...")
+                self._segmenters[key] = open_model(choice, None if device == "auto" else device).segmenter
+            return self._segmenters[key]
+
+        return load
 
     @staticmethod
     def download_needed(model: str):
         """The DownloadSpec to show the user when ``model`` needs weights we do not have, else None.
 
         Only existence and size are checked here (main thread, instant); the sha256 is
-        verified on the worker by ``download.ensure_weights`` before the file is used.
+        verified on the worker by ``weights.download.ensure_weights`` before the file is used.
         """
+        from ..io.files import cache_dir
         from ..modeling.backbones import MODEL_SPECS
 
         spec = MODEL_SPECS[model].download if model in MODEL_SPECS else None
         if spec is None:
             return None
-        from ..weights.download import cache_dir
-
         path = cache_dir() / spec.filename
         return None if path.is_file() and path.stat().st_size == spec.size else spec
 
@@ -89,46 +95,55 @@ class SAMSelfPromptLogic:
         segmentation_node=None, segment_name: str = "SAM-SP", segment_id: str | None = None,
         color: Sequence[float] = mrml.DEFAULT_COLOR, allow_download: bool = False, options=None,
     ) -> Run:
-        """Prepare the output on the main thread, then queue the run on the worker.
+        """Prepare the output on the main thread, then queue the engine's segmentation job.
 
-        Returns at once with a ``Run`` handle; slices appear as ``poll()`` applies them.
-        A new segmentation node (linked to the volume) is made when none is given; the
-        output segment is new unless ``segment_id`` names the user's choice.
+        Returns at once with a ``Run`` handle; slices appear as ``poll()`` applies them. A new
+        segmentation node (linked to the volume) is made when none is given. The output is a
+        new segment unless ``segment_id`` names one explicitly: then that whole segment is
+        saved on the undo stack first, so overwriting it can be undone.
         """
-        volume = mrml.volume_from_node(volume_node)
+        from ..core.predictor import SegmentOptions, resolve_axis
+        from ..runtime.jobs import segmentation_job
+
+        volume = self._volume(volume_node)
+        ax = resolve_axis(volume, axis)
+        n = 1 if volume.is_rgb else volume.shape_kji[ax]
+        start, stop = slice_range or (0, n)
+        if not 0 <= start < stop <= n:
+            raise InputError(f"slice range {start}..{stop - 1} is outside the volume's {n} slices")
+        choice = self.choose_model(volume, model, checkpoint)
         if segmentation_node is None:
             segmentation_node = mrml.new_segmentation_for(volume_node)
         elif not segmentation_node.GetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole()):
             mrml.link_to_volume(segmentation_node, volume_node)
+        if segment_id:  # an explicit overwrite: keep what is there for undo
+            self._push_undo(UndoState(volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(),
+                                      segment_id, ax, None,
+                                      mrml.segment_array(segmentation_node, segment_id, volume_node), {}))
         sid = mrml.output_segment(segmentation_node, segment_name, segment_id, color)
-        from ..core.predictor import SegmentOptions, resolve_axis
-
         opts = options or SegmentOptions()
-        opts.axis, opts.slice_range = axis, slice_range
-        auto_fallback = options is None
-        ax = resolve_axis(volume, axis)
-        total = (slice_range[1] - slice_range[0]) if slice_range else volume.shape_kji[ax]
-        run = Run("segment", volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(), sid, ax, total=total,
-                  name=volume_node.GetName())
+        opts.axis, opts.slice_range = ax, (start, stop)
+        run = Run("segment", volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(), sid, ax,
+                  total=stop - start, name=volume_node.GetName(), batch_size=opts.batch_size, model=choice.label)
+        load = self._segmenter_loader(choice, device)
 
-        def job(ctx: JobContext):
+        def segmenter(ctx: JobContext):
             if allow_download:
-                fetch_weights(model, ctx)
-            seg = self._segmenter(model, checkpoint, device, ctx)
-            if auto_fallback:
-                # A plain backbone's no-prompt pass is untrained (its y0 is empty), so the whole
-                # slice stands in for the self-prompt box; a SAM-SP checkpoint keeps "skip".
-                opts.empty_y0 = "skip" if seg.metadata else "full_box"
-            ctx.emit(EventKind.MESSAGE, f"Segmenting {total} slices on {seg.device}...")
-            n = nonempty = 0
-            for result in seg.segment(volume, opts, cancel=ctx.cancel_event, progress=ctx.progress):
-                ctx.emit(EventKind.SLICE, result)
-                n += 1
-                nonempty += bool(result.mask.any())
-                ctx.check_cancel()  # stop between slices, never inside one
-            return {"slices": n, "nonempty": nonempty}
+                fetch_weights(choice.model_id, ctx)
+            return load(ctx)
 
-        return self._submit(run, job)
+        return self._submit(run, segmentation_job(segmenter, volume, opts, keep_mask=False))
+
+    def auto_segment(self, volume_node, timeout: float = 3600.0, **kwargs):
+        """Segment a volume and return its segmentation node; blocks (for scripts and notebooks).
+
+        Takes the keyword arguments of ``start_auto_segment``. Raises ``RunFailed`` with the
+        reason when the run fails or is cancelled.
+        """
+        run = self.wait(self.start_auto_segment(volume_node, **kwargs), timeout)
+        if run.status != "done":
+            raise RunFailed(f"Auto-segment of {run.name} {run.status}: {run.error or run.message}")
+        return volume_node.GetScene().GetNodeByID(run.segmentation_id)
 
     def start_batch(self, volume_nodes: Sequence, **kwargs) -> BatchRun:
         """One run per volume, each into its own new segmentation, queued in order on the worker."""
@@ -144,66 +159,115 @@ class SAMSelfPromptLogic:
         negative_ras: Sequence[Sequence[float]] = (), *, axis: str | int = "auto", model: str = "litemedsam",
         checkpoint: str | Path | None = None, device: str = "auto",
     ) -> Run:
-        """Refine the one slice the clicks are on; the write (after an undo snapshot) happens in poll()."""
+        """Refine the one slice the clicks are on; the write (after an undo snapshot) happens in poll().
+
+        Refused while another run is active: its slices are not written yet, so a correction
+        would start from a state that is about to change.
+        """
+        from ..core.masks import mask_box
         from ..core.predictor import SegmentOptions, SliceResult, resolve_axis
 
-        volume = mrml.volume_from_node(volume_node)
+        if self.busy:
+            raise InputError("wait for the current run to finish (or cancel it) before correcting a slice")
+        if segmentation_node is None or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise InputError("choose the segment to correct first (run Auto-segment, or pick a segment)")
+        volume = self._volume(volume_node)
         ax = resolve_axis(volume, axis)
         index, xy = mrml.ras_to_slice_pixels(volume, ax, [*positive_ras, *negative_ras])
         pos, neg = xy[:len(positive_ras)].tolist(), xy[len(positive_ras):].tolist()
-        previous = self._last_results.get((volume_node.GetID(), ax, index))
-        if previous is None:  # the user's current slice: its bounding box is the box prompt
-            current = mrml.read_slice(segmentation_node, segment_id, volume_node, ax, index)
-            previous = SliceResult(index, current, bounding_box(current), "user", 0.0, None)
-        run = Run("correct", volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(), segment_id, ax, total=1,
-                  name=volume_node.GetName())
+        key = (volume_node.GetID(), segmentation_node.GetID(), segment_id, ax, index)
+        current = mrml.read_slice(segmentation_node, segment_id, volume_node, ax, index)
+        previous = self._last_results.get(key)
+        if previous is None or previous.mask.shape != current.shape or not (previous.mask == current).all():
+            # No model answer for this segment's slice, or the user edited it since: start from what is there.
+            previous = SliceResult(index, current, mask_box(current), "user", 0.0, None)
+        choice = self.choose_model(volume, model, checkpoint)
+        run = Run("correct", volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(), segment_id, ax,
+                  total=1, name=volume_node.GetName(), model=choice.label)
+        load = self._segmenter_loader(choice, device)
         opts = SegmentOptions(axis=ax)
 
         def job(ctx: JobContext):
-            seg = self._segmenter(model, checkpoint, device, ctx)
+            seg = load(ctx)
+            ctx.check_cancel()
             result = seg.refine_slice(volume, index, pos, neg, previous, opts)
+            ctx.check_cancel()  # a cancelled correction writes nothing
             ctx.emit(EventKind.SLICE, result)
             ctx.progress(1, 1)
             return {"slice": index}
 
         return self._submit(run, job)
 
+    @property
+    def can_undo(self) -> bool:
+        return bool(self.undo_stack)
+
     def undo(self) -> UndoState | None:
-        """Restore the slice saved before the last correction, byte for byte; None if nothing to undo."""
-        if not self.undo_stack:
-            return None
-        state = self.undo_stack.pop()
-        volume_node = self._node(state.scene, state.volume_id)
-        seg_node = self._node(state.scene, state.segmentation_id)
-        if volume_node is None or seg_node is None or seg_node.GetSegmentation().GetSegment(state.segment_id) is None:
-            return None  # the nodes were deleted since: nothing left to restore
-        mrml.write_slice(seg_node, state.segment_id, volume_node, state.axis, state.index, state.mask)
-        return state
+        """Restore the state saved before the last correction or overwrite, byte for byte."""
+        while self.undo_stack:
+            state = self.undo_stack.pop()
+            volume_node = self._node(state.scene, state.volume_id)
+            seg_node = self._node(state.scene, state.segmentation_id)
+            if volume_node is None or seg_node is None or seg_node.GetSegmentation().GetSegment(state.segment_id) is None:
+                continue  # the nodes were deleted since: nothing left to restore there
+            if state.index is None:
+                mrml.write_segment_array(seg_node, state.segment_id, volume_node, state.mask)
+            else:
+                mrml.write_slice(seg_node, state.segment_id, volume_node, state.axis, state.index, state.mask)
+            # The model answers recorded since that state are no longer what the segment holds.
+            for key in [k for k in self._last_results if k[:3] == state.target and
+                        (state.index is None or k[3:] == (state.axis, state.index))]:
+                del self._last_results[key]
+            self._last_results.update(state.last_results)
+            return state
+        return None
+
+    def _push_undo(self, state: UndoState) -> None:
+        self.undo_stack.append(state)
+        del self.undo_stack[:-self.max_undo]
 
     # --- adapt ------------------------------------------------------------------------------------
     def start_adapt(self, pairs: Sequence[tuple[Any, Any, str]], *, model: str = "litemedsam",
                     checkpoint: str | Path | None = None, out_dir: str | Path | None = None,
-                    epochs: int = 3, axis: str | int = "auto", device: str = "cpu") -> Run:
-        """Fine-tune on (volume node, segmentation node, segment id) triples; see ``logic_adapt``."""
-        from .adapt import adapt_job, training_pairs
+                    epochs: int = 3, axis: str | int = "auto", device: str = "auto",
+                    allow_model_output: bool = False) -> Run:
+        """Fine-tune on (volume node, segmentation node, segment id) triples; see ``adapt``."""
+        from . import adapt
 
-        samples = training_pairs(pairs, axis)
-        run = Run("adapt", pairs[0][0].GetScene(), pairs[0][0].GetID(), pairs[0][1].GetID(), pairs[0][2], 0, total=epochs, name="Adapt")
-        job = adapt_job(self, samples, model, checkpoint, out_dir, epochs, device)
-        return self._submit(run, job)
+        if self.busy:
+            raise InputError("wait for the current run to finish (or cancel it) before adapting")
+        if not pairs:
+            raise InputError("choose at least one segment to learn from")
+        samples = adapt.training_pairs(pairs, axis, allow_model_output=allow_model_output)
+        volume_node, seg_node, segment_id = pairs[0]
+        run = Run("adapt", volume_node.GetScene(), volume_node.GetID(), seg_node.GetID(), segment_id, 0,
+                  total=epochs, name="Adapt")
+        return self._submit(run, adapt.adapt_job(samples, model, checkpoint, out_dir, epochs, device))
 
     # --- event loop (main thread) -----------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return any(not run.finished for run in self.runs.values())
+
     def poll(self, max_events: int | None = None) -> list[Run]:
         """Drain the worker and apply its events to MRML; returns the runs that changed."""
         return self.apply_events(self.worker.drain(max_events, raise_errors=False))
 
     def apply_events(self, events: Sequence[JobEvent]) -> list[Run]:
+        """Apply each event to its run. One event that fails (a write into a node that changed
+        under us) is reported on its run and never stops the events after it: DONE must always
+        get through, or the UI would wait on Cancel forever."""
         changed: dict[int, Run] = {}
         for event in events:
             run = self.runs.get(event.job_id)
             if run is None:
-                continue
-            self._apply(run, event)
+                continue  # a run of a closed scene, or one we no longer track
+            try:
+                self._apply(run, event)
+            except Exception as exc:  # noqa: BLE001 - reported on the run, never dropped
+                run.write_error = run.write_error or f"could not write slice {getattr(event.payload, 'index', '?')}: {exc}"
+                if run.job is not None:
+                    run.job.cancel()  # the rest would fail the same way
             changed[id(run)] = run
         return list(changed.values())
 
@@ -218,33 +282,42 @@ class SAMSelfPromptLogic:
         elif kind is EventKind.SLICE:
             self._write_result(run, event.payload)
         elif kind is EventKind.DONE:
+            if run.write_error:
+                run.finish("failed", error=run.write_error)
+                return
             run.finish("done", event.payload)
             if run.kind == "adapt" and event.payload:
                 self.adapted_checkpoints.append(Path(event.payload["checkpoint"]))
         elif kind is EventKind.CANCELLED:
-            run.finish("cancelled")
+            run.finish("failed", error=run.write_error) if run.write_error else run.finish("cancelled")
         elif kind is EventKind.ERROR:
             exc, tb = event.payload
             run.finish("failed", error=str(exc), traceback=tb)
 
     def _write_result(self, run: Run, result) -> None:
+        if run.job is not None and run.job.cancel_event.is_set() and run.kind == "correct":
+            return  # the user cancelled the correction: leave the slice as it is
         volume_node = self._node(run.scene, run.volume_id)
         seg_node = self._node(run.scene, run.segmentation_id)
         if volume_node is None or seg_node is None or seg_node.GetSegmentation().GetSegment(run.segment_id) is None:
             run.message = "the output was deleted; results are no longer written"
+            if run.job is not None:
+                run.job.cancel()
             return
+        key = (run.volume_id, run.segmentation_id, run.segment_id, run.axis, result.index)
         if run.kind == "correct":
             before = mrml.read_slice(seg_node, run.segment_id, volume_node, run.axis, result.index)
-            self.undo_stack.append(UndoState(run.scene, run.volume_id, run.segmentation_id, run.segment_id, run.axis,
-                                             result.index, before))
-            del self.undo_stack[:-self.max_undo]
+            last = {key: self._last_results[key]} if key in self._last_results else {}
+            self._push_undo(UndoState(run.scene, run.volume_id, run.segmentation_id, run.segment_id, run.axis,
+                                      result.index, before, last))
         mrml.write_slice(seg_node, run.segment_id, volume_node, run.axis, result.index, result.mask)
-        self._last_results[(run.volume_id, run.axis, result.index)] = result
+        self._last_results[key] = result
         run.written.append(result.index)
         if run.kind == "segment":
             run.voxels += int(result.mask.sum())
 
     def _submit(self, run: Run, fn: Callable[[JobContext], Any]) -> Run:
+        self._observe_scene(run.scene)
         job: Job = self.worker.submit(fn, name=f"{run.kind}:{run.name}")
         run.job = job
         self.runs[job.id] = run
@@ -253,7 +326,7 @@ class SAMSelfPromptLogic:
     def cancel(self) -> None:
         """Cancel the running job and every queued one (each stops between slices)."""
         for run in self.runs.values():
-            if run.job is not None and run.status in ("queued", "running"):
+            if run.job is not None and not run.finished:
                 run.job.cancel()
 
     def wait(self, run: Run | BatchRun, timeout: float = 600.0, interval: float = 0.05,
@@ -272,50 +345,60 @@ class SAMSelfPromptLogic:
 
     def shutdown(self) -> None:
         self.cancel()
+        for scene, tag in self._observed_scenes.values():
+            scene.RemoveObserver(tag)
+        self._observed_scenes.clear()
         self.worker.shutdown()
 
+    # --- scene lifetime ---------------------------------------------------------------------------
+    def _observe_scene(self, scene) -> None:
+        if scene is not None and id(scene) not in self._observed_scenes:
+            tag = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, lambda caller, event: self.scene_closing(caller))
+            self._observed_scenes[id(scene)] = (scene, tag)
+
+    def scene_closing(self, scene) -> None:
+        """The scene is being closed: node IDs will restart, so nothing of this scene may be written
+        later. Cancel its runs, forget them (their late events are then dropped), and drop the undo
+        states, last answers and volume copies that point into it."""
+        for job_id, run in list(self.runs.items()):
+            if run.scene is scene:
+                if run.job is not None:
+                    run.job.cancel()
+                if not run.finished:
+                    run.finish("cancelled")
+                    run.message = "Cancelled: the scene was closed"
+                del self.runs[job_id]
+        self.undo_stack = [s for s in self.undo_stack if s.scene is not scene]
+        self._last_results.clear()
+        self._volumes.clear()
+
     # --- helpers ----------------------------------------------------------------------------------
+    def _volume(self, volume_node):
+        """The node's voxels as an engine Volume, copied (and later hashed) once per change of the
+        image data, not on every click: the copy is needed because the worker must never read VTK
+        memory, but a 300-slice volume costs hundreds of MB to copy."""
+        if volume_node is None or volume_node.GetImageData() is None:
+            raise InputError("select an input volume that has image data")
+        transform = volume_node.GetParentTransformNode()
+        stamp = (volume_node.GetImageData().GetMTime(), volume_node.GetMTime(),
+                 transform.GetMTime() if transform is not None else 0)
+        cached = self._volumes.get(volume_node.GetID())
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, mrml.volume_from_node(volume_node))
+            self._volumes[volume_node.GetID()] = cached
+        return cached[1]
+
     @staticmethod
     def _node(scene, node_id: str | None):
         return scene.GetNodeByID(node_id) if scene is not None and node_id else None
 
 
-def bounding_box(mask: np.ndarray) -> np.ndarray | None:
-    """x0, y0, x1, y1 of a 2D mask's foreground in pixel coordinates, None if empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-
-
-def load_model(model: str, checkpoint: str | Path | None, ctx: JobContext | None = None):
-    """(network, metadata): a SAM-SP checkpoint, a weights file for ``model``, or the cached download."""
-    from ..weights.checkpoint import load_samsp, read_samsp
-    from ..errors import CheckpointError
-    from ..modeling.backbones import build_model
-
-    if checkpoint:
-        try:
-            read_samsp(checkpoint)
-        except CheckpointError:
-            return build_model(model, checkpoint), {}
-        return load_samsp(checkpoint)
-    weights = None
-    if model != "litemedsam":
-        from ..weights.download import cached_weights
-
-        weights = cached_weights(model)
-        if weights is None:
-            raise CheckpointError(f"{model} weights are not downloaded yet; allow the download or choose a checkpoint file")
-    return build_model(model, weights), {}
-
-
 def fetch_weights(model: str, ctx: JobContext) -> None:
-    """Download (consent was given on the main thread) with progress; sha256 is checked by ensure_weights."""
-    from ..weights.download import ensure_weights
+    """Download (consent was given on the main thread) with progress and cancel; sha256 is checked."""
     from ..modeling.backbones import MODEL_SPECS
+    from ..weights.download import ensure_weights
 
     if model not in MODEL_SPECS or MODEL_SPECS[model].download is None:
         return
     ctx.emit(EventKind.MESSAGE, f"Downloading {model} weights...")
-    ensure_weights(model, consent=lambda spec: True, progress=ctx.progress)
+    ensure_weights(model, consent=lambda spec: True, progress=ctx.progress, cancel=ctx.cancel_event)

@@ -16,8 +16,6 @@ Writing choices:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +25,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import InputError
+from ..io.files import atomic_write
 from ..core.volume import Volume
 
 SOURCE_TAG = "SAMSelfPrompt.Source"  # segment tag marking segments this module created
@@ -130,11 +129,12 @@ def unique_segment_name(segmentation, name: str) -> str:
 
 def output_segment(segmentation_node, name: str, segment_id: str | None = None,
                    color: Sequence[float] = DEFAULT_COLOR, terminology: str | None = None) -> str:
-    """The segment to write into, never one the user made unless they chose it.
+    """The segment to write into: the one the user chose explicitly, else always a new one.
 
-    ``segment_id`` (the user's explicit choice) is used as is. Otherwise a segment of
-    that name is reused only if this module created it (tagged); a user's segment with
-    the same name is left alone and a new, uniquely named segment is added.
+    A re-run never rewrites an earlier result (or the user's edits of it) by itself: without
+    ``segment_id`` a new segment is added with a unique name ("SAM-SP (2)"), tagged as ours.
+    Overwriting is the caller's explicit choice of ``segment_id``; the Logic saves an undo
+    state of that whole segment first.
     """
     seg = segmentation_node.GetSegmentation()
     if segment_id:
@@ -142,12 +142,6 @@ def output_segment(segmentation_node, name: str, segment_id: str | None = None,
             raise InputError(f"segment {segment_id!r} is not in {segmentation_node.GetName()}")
         _own_layer(seg, segment_id)
         return segment_id
-    for n in range(seg.GetNumberOfSegments()):
-        segment = seg.GetNthSegment(n)
-        if segment_tag(segment, SOURCE_TAG) == name:  # tag value: the name it was asked for
-            sid = seg.GetNthSegmentID(n)
-            _own_layer(seg, sid)
-            return sid
     new_id = seg.AddEmptySegment("", unique_segment_name(seg, name), list(color))
     segment = seg.GetSegment(new_id)
     segment.SetTag(SOURCE_TAG, name)
@@ -179,17 +173,34 @@ def slice_extent(shape_kji: Sequence[int], axis: int, index: int) -> list[int]:
     return ext
 
 
-def oriented_image(volume_node, extent: Sequence[int], values: np.ndarray | None = None):
-    """A uint8 vtkOrientedImageData on the volume's lattice (node coordinates), filled from ``values``."""
+def lattice(volume_node, extent: Sequence[int]):
+    """A vtkOrientedImageData with the volume's lattice and ``extent`` but no voxels: geometry only."""
     image = slicer.vtkOrientedImageData()
     image.SetExtent(*extent)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
     image.SetImageToWorldMatrix(m)
+    return image
+
+
+def oriented_image(volume_node, extent: Sequence[int], values: np.ndarray | None = None):
+    """A uint8 vtkOrientedImageData on the volume's lattice (node coordinates), filled from ``values``."""
+    image = lattice(volume_node, extent)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     scalars[:] = 0 if values is None else np.ascontiguousarray(values, dtype=np.uint8).ravel()
     return image
+
+
+def volume_shape(volume_node) -> tuple[int, int, int]:
+    """[K, J, I] of the volume, from its image data's dimensions (no array view needed)."""
+    i, j, k = volume_node.GetImageData().GetDimensions()
+    return k, j, i
+
+
+def full_extent(volume_node) -> list[int]:
+    k, j, i = volume_shape(volume_node)
+    return [0, i - 1, 0, j - 1, 0, k - 1]
 
 
 def write_slice(segmentation_node, segment_id: str, volume_node, axis: int, index: int, mask: np.ndarray) -> None:
@@ -221,16 +232,18 @@ def notify_modified(segmentation_node, segment_id: str) -> None:
 def _full_extent_view(segmentation_node, segment_id: str, volume_node) -> tuple[np.ndarray, int]:
     """A writable [K, J, I] numpy view of the segment's own labelmap on the volume's lattice.
 
-    Separates the segment from a shared layer and pads/resamples its labelmap to the
-    volume's full extent when needed (the Segment Editor crops labelmaps to their content).
+    Separates the segment from a shared layer and pads/resamples its labelmap to the volume's
+    full extent the first time (the Segment Editor crops labelmaps to their content). After
+    that, every call only compares geometry (no voxels are allocated or copied), so writing a
+    slice costs one slice, whatever the volume's size.
     """
     segmentation = segmentation_node.GetSegmentation()
     _own_layer(segmentation, segment_id)
     labelmap = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
-    shape = slicer.util.arrayFromVolume(volume_node).shape[:3]
-    full = [0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1]
-    reference = oriented_image(volume_node, full)
-    if list(labelmap.GetExtent()) != full or not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, reference):
+    shape = volume_shape(volume_node)
+    full = full_extent(volume_node)
+    if not _on_lattice(labelmap, volume_node, full):
+        reference = oriented_image(volume_node, full)
         if not labelmap.IsEmpty():
             padded = slicer.vtkOrientedImageData()
             slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, padded)
@@ -241,26 +254,51 @@ def _full_extent_view(segmentation_node, segment_id: str, volume_node) -> tuple[
     return values.reshape(shape), label
 
 
+def _on_lattice(labelmap, volume_node, extent: Sequence[int]) -> bool:
+    """The labelmap has exactly the volume's lattice and extent, with voxels allocated."""
+    return (list(labelmap.GetExtent()) == list(extent) and labelmap.GetPointData().GetScalars() is not None
+            and slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, lattice(volume_node, extent)))
+
+
+def write_segment_array(segmentation_node, segment_id: str, volume_node, array: np.ndarray) -> None:
+    """Replace the whole segment with a [K, J, I] 0/1 array (undo of a whole-segment overwrite)."""
+    view, label = _full_extent_view(segmentation_node, segment_id, volume_node)
+    view[...] = np.where(np.asarray(array, bool), label, 0).astype(view.dtype)
+    notify_modified(segmentation_node, segment_id)
+
+
 def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     """The segment as a uint8 0/1 array [K, J, I] on the volume's lattice (a copy).
 
     Reads the segment's internal labelmap (possibly a layer shared with other segments)
     and keeps the voxels equal to the segment's label value.
     """
-    shape = slicer.util.arrayFromVolume(volume_node).shape[:3]
+    return _read_extent(segmentation_node, segment_id, volume_node, full_extent(volume_node))
+
+
+def read_slice(segmentation_node, segment_id: str, volume_node, axis: int, index: int) -> np.ndarray:
+    """One slice of the segment as a bool array; reads (or resamples) only that slice's extent."""
+    extent = slice_extent(volume_shape(volume_node), axis, index)
+    return np.take(_read_extent(segmentation_node, segment_id, volume_node, extent), 0, axis=axis).astype(bool)
+
+
+def _read_extent(segmentation_node, segment_id: str, volume_node, extent: Sequence[int]) -> np.ndarray:
+    i0, i1, j0, j1, k0, k1 = extent
+    shape = (k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
     labelmap = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
     if labelmap is None or labelmap.IsEmpty():
         return np.zeros(shape, np.uint8)
     label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
-    reference = oriented_image(volume_node, [0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1])
-    out = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, out)
-    values = numpy_support.vtk_to_numpy(out.GetPointData().GetScalars()).reshape(shape)
-    return (values == label).astype(np.uint8)
-
-
-def read_slice(segmentation_node, segment_id: str, volume_node, axis: int, index: int) -> np.ndarray:
-    return np.take(segment_array(segmentation_node, segment_id, volume_node), index, axis=axis).astype(bool)
+    full = full_extent(volume_node)
+    if _on_lattice(labelmap, volume_node, full):  # our own layer: read through a view, no resampling
+        values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(volume_shape(volume_node))
+        part = values[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
+    else:  # a layer the Segment Editor cropped or shares: resample just this extent
+        out = slicer.vtkOrientedImageData()
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            labelmap, lattice(volume_node, extent), out)
+        part = numpy_support.vtk_to_numpy(out.GetPointData().GetScalars()).reshape(shape)
+    return (part == label).astype(np.uint8)
 
 
 # --- clicks --------------------------------------------------------------------------------------
@@ -299,18 +337,13 @@ def markup_points(markups_node) -> list[list[float]]:
 
 # --- saving ------------------------------------------------------------------------------------
 
-def save_segmentation(segmentation_node, path: str | Path) -> Path:
+def save_segmentation(segmentation_node, path: str | Path, overwrite: bool = True) -> Path:
     """Write a .seg.nrrd atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".seg.nrrd", dir=path.parent)
-    os.close(fd)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(tmp)
-    try:
+
+    def write(tmp: str) -> None:
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(tmp)
         if not storage.WriteData(segmentation_node):
-            raise RuntimeError(f"could not write {path}")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+            raise InputError(f"could not write {path}")
+
+    return atomic_write(path, write, overwrite)

@@ -33,6 +33,9 @@ class Run:
     voxels: int = 0
     result: Any = None
     error: str = ""
+    write_error: str = ""  # the first slice that could not be written; the run then ends "failed"
+    batch_size: int = 1  # slices encoded together: a cancel lands after the batch in flight
+    model: str = ""  # what runs, for the status line
     traceback: str = field(default="", repr=False)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -97,12 +100,19 @@ class BatchRun:
 
 @dataclass
 class UndoState:
-    """One slice of one segment as it was before a correction."""
+    """A segment's slice (or, for an overwrite, the whole segment) as it was before a change."""
 
     scene: Any = field(repr=False)
     volume_id: str
     segmentation_id: str
     segment_id: str
     axis: int
-    index: int
+    index: int | None  # None: ``mask`` is the whole [K, J, I] segment
     mask: np.ndarray = field(repr=False)
+    # The Logic's last model answers for that slice before the change, restored with it, so the
+    # next correction starts from the logits that match what the segment holds again.
+    last_results: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def target(self) -> tuple[str, str, str]:
+        return (self.volume_id, self.segmentation_id, self.segment_id)
