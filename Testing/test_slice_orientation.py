@@ -11,7 +11,7 @@ import pytest
 
 from conftest import shared_path
 from SAMSelfPromptLib.core.volume import Volume
-from SAMSelfPromptLib.core.orientation import SliceOrientation
+from SAMSelfPromptLib.core.orientation import SliceOrientation, SliceStack
 from SAMSelfPromptLib.core.predictor import Segmenter, SegmentOptions, resolve_axis, take_slice
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -86,6 +86,23 @@ def test_coronal_and_sagittal_slices_of_a_reversed_volume(base):
             base_index = index if base_axis == 1 else n - 1 - index
             np.testing.assert_array_equal(orient.to_canonical(take_slice(vol.array, axis, index)),
                                           take_slice(base.array, base_axis, base_index))
+
+
+@pytest.mark.parametrize("storage", sorted(STORAGES))
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_the_stack_views_the_volume_once_without_copying(base, storage, plane):
+    """The canonical stack is a numpy view whose slice k is the mapped stored slice k."""
+    vol = STORAGES[storage](base)
+    axis = resolve_axis(vol, plane)
+    stack = SliceStack.of(vol, axis)
+    assert np.shares_memory(stack.pixels, vol.array)
+    orient = SliceOrientation.for_volume(vol, axis)
+    for k in range(len(stack)):
+        stored = take_slice(vol.array, axis, k)
+        np.testing.assert_array_equal(stack.pixels[k], orient.to_canonical(stored))
+        np.testing.assert_array_equal(stack.mask_out(stack.pixels[k]), stored)
+    box = np.array([1, 0, 3, 2], np.float32)
+    np.testing.assert_array_equal(stack.box_out(stack.box_in(box)), box)
 
 
 def test_colour_pictures_are_shown_as_stored():

@@ -108,3 +108,59 @@ class SliceOrientation:
 def _span(corners: np.ndarray) -> np.ndarray:
     """x0, y0, x1, y1 of two corner points, whichever way round they came out."""
     return np.concatenate([corners.min(axis=0), corners.max(axis=0)]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SliceStack:
+    """A volume's slices along one array axis, viewed once in the canonical orientation.
+
+    ``pixels[k]`` is slice k as the model must see it: a numpy view (flips and a transpose
+    of the stored array, no copy). Everything downstream (encoding, SAM-SP, propagation,
+    clicks) works in this one frame; prompts given on the stored grid enter through
+    ``box_in``/``points_in`` and results leave through ``mask_out``/``box_out``, once each.
+    """
+
+    orient: SliceOrientation
+    pixels: np.ndarray  # [n, H, W] (or [1, H, W, 3] for a colour picture), canonical view
+    axis: int
+
+    @classmethod
+    def of(cls, volume: Volume, axis: int) -> "SliceStack":
+        orient = SliceOrientation.for_volume(volume, axis)
+        if volume.is_rgb:
+            return cls(orient, volume.array, 0)
+        view = np.moveaxis(volume.array, axis, 0)  # view[k] == np.take(array, k, axis)
+        if orient.transpose:
+            view = view.swapaxes(1, 2)
+        if orient.flip_rows:
+            view = view[:, ::-1]
+        if orient.flip_cols:
+            view = view[:, :, ::-1]
+        return cls(orient, view, axis)
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """A canonical slice's (H, W)."""
+        return tuple(self.pixels.shape[1:3])  # type: ignore[return-value]
+
+    @property
+    def stored_hw(self) -> tuple[int, int]:
+        return self.orient.stored_shape(self.shape)
+
+    def box_in(self, box) -> np.ndarray:
+        return self.orient.box_to_canonical(box, self.stored_hw)
+
+    def points_in(self, points) -> np.ndarray:
+        return self.orient.points_to_canonical(points, self.stored_hw)
+
+    def mask_in(self, mask: np.ndarray) -> np.ndarray:
+        return self.orient.to_canonical(mask)
+
+    def mask_out(self, mask: np.ndarray) -> np.ndarray:
+        return self.orient.to_stored(mask)
+
+    def box_out(self, box) -> np.ndarray | None:
+        return None if box is None else self.orient.box_to_stored(box, self.stored_hw)

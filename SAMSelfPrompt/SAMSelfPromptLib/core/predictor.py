@@ -21,7 +21,7 @@ from ..modeling.backbones import SamBackbone, autocast_for, pick_device
 from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
 from .selfprompt import box_prompt, refine, self_prompt
 from .masks import mask_box
-from .orientation import SliceOrientation
+from .orientation import SliceStack
 
 AXIS_NAMES = {"K": 0, "J": 1, "I": 2}
 # Which RAS axis a named anatomical plane's slices are stacked along.
@@ -182,17 +182,15 @@ class Segmenter:
             return Intensity.from_dict(trained)
         return guessed
 
-    def _slice_input(self, volume: Volume, axis: int, k: int, intensity: Intensity) -> tuple[torch.Tensor, Frame]:
-        pixels = volume.array[0] if volume.is_rgb else take_slice(volume.array, axis, k)
-        pixels = SliceOrientation.for_volume(volume, axis).to_canonical(pixels)  # as in training
-        return to_model_input(normalize_slice(pixels, intensity), self.model.image_size)
+    def _slice_input(self, stack: SliceStack, k: int, intensity: Intensity) -> tuple[torch.Tensor, Frame]:
+        return to_model_input(normalize_slice(stack.pixels[k], intensity), self.model.image_size)
 
     def embeddings(
-        self, volume: Volume, axis: int, indices: Sequence[int], intensity: Intensity, batch_size: int = 4,
-        vkey: str | None = None, cancel: threading.Event | None = None,
+        self, volume: Volume, stack: SliceStack, indices: Sequence[int], intensity: Intensity, batch_size: int = 4,
+        cancel: threading.Event | None = None,
     ) -> Iterator[tuple[list[int], torch.Tensor, list[Frame]]]:
         """Yield (indices, B x 256 x 64 x 64 on device, frames), encoding only uncached slices."""
-        vkey = vkey or volume_key(volume)
+        vkey, axis = volume_key(volume), stack.axis
         ikey = tuple(sorted(intensity.to_dict().items()))
         encode = self._encoder(len(indices))
         for start in range(0, len(indices), max(1, batch_size)):
@@ -203,7 +201,7 @@ class Segmenter:
             cached = [self.cache.get(key) for key in keys]
             todo = [i for i, c in enumerate(cached) if c is None]
             if todo:
-                inputs = [self._slice_input(volume, axis, chunk[i], intensity) for i in todo]
+                inputs = [self._slice_input(stack, chunk[i], intensity) for i in todo]
                 batch = torch.stack([x for x, _ in inputs]).to(self.device)
                 with torch.no_grad(), autocast_for(self.device):
                     emb = encode(batch).float()
@@ -222,70 +220,59 @@ class Segmenter:
         cancel: threading.Event | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Iterator[SliceResult]:
-        """Stream one SliceResult per slice; cancel is honoured between batches of slices."""
+        """Stream one SliceResult per slice (on the stored grid); cancel is honoured between batches."""
         options = self.resolved(options)
         axis = resolve_axis(volume, options.axis)
-        n = volume.array.shape[axis] if not volume.is_rgb else 1
+        stack = SliceStack.of(volume, axis)  # the one entry into the canonical view
+        n = len(stack)
         start, stop = options.slice_range or (0, n)
         if not (0 <= start < stop <= n):
             raise InputError(f"slice range [{start}, {stop}) is outside the volume's {n} slices along axis {axis}")
         indices = list(range(start, stop))
         intensity = self.intensity_for(volume, options)
-        orient = SliceOrientation.for_volume(volume, axis)
+        boxes = None if options.boxes is None else {k: stack.box_in(b) for k, b in options.boxes.items()}
         if options.propagate:
-            yield from self._propagate(volume, axis, indices, intensity, options, cancel, progress)
-            return
-        vkey = volume_key(volume)
-        done = 0
-        if options.boxes is not None:
-            # Expert boxes: a slice without one is empty by definition, so it is never encoded.
-            for k in (k for k in indices if k not in options.boxes):
-                done += 1
-                yield _empty(k, None, volume=volume, axis=axis)
-                if progress:
-                    progress(done, len(indices))
-            indices_to_encode = [k for k in indices if k in options.boxes]
+            results = self._propagate(volume, stack, indices, intensity, options, boxes, cancel)
         else:
-            indices_to_encode = indices
-        for chunk, embs, frames in self.embeddings(volume, axis, indices_to_encode, intensity, options.batch_size,
-                                                   vkey, cancel):
-            for result in self._decode(embs, chunk, frames, options, orient):
-                done += 1
-                yield result
-                if progress:
-                    progress(done, len(indices))
+            results = self._self_prompted(volume, stack, indices, intensity, options, boxes, cancel)
+        for done, result in enumerate(results, start=1):
+            yield _stored(result, stack)  # the one exit back to the stored grid
+            if progress:
+                progress(done, len(indices))
 
-    def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], options: SegmentOptions,
-                orient: SliceOrientation) -> list[SliceResult]:
-        """Frames are of the canonical view; boxes in and masks/boxes out are on the stored grid."""
+    def _self_prompted(self, volume, stack, indices, intensity, options, boxes, cancel) -> Iterator[SliceResult]:
+        if boxes is not None:
+            # Expert boxes: a slice without one is empty by definition, so it is never encoded.
+            yield from (_empty(k, stack) for k in indices if k not in boxes)
+            indices = [k for k in indices if k in boxes]
+        for chunk, embs, frames in self.embeddings(volume, stack, indices, intensity, options.batch_size, cancel):
+            yield from self._decode(embs, chunk, frames, options.empty_y0, boxes, stack)
+
+    def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], empty_y0: str,
+                boxes: dict[int, np.ndarray] | None, stack: SliceStack) -> list[SliceResult]:
+        """SAM-SP (or the expert box) on a batch of embeddings; everything in the canonical view."""
         dev = embs.device
         with torch.no_grad():
-            if options.boxes is not None:
+            if boxes is not None:
                 out = []
                 for j, k in enumerate(chunk):
-                    box = options.boxes.get(k)
-                    if box is None:
-                        out.append(_empty(k, frames[j], orient))
-                        continue
-                    cbox = orient.box_to_canonical(box, orient.stored_shape((frames[j].h, frames[j].w)))
-                    mbox = torch.as_tensor(frames[j].box_to_model(cbox), device=dev)[None]
+                    mbox = torch.as_tensor(frames[j].box_to_model(boxes[k]), device=dev)[None]
                     logits, iou = box_prompt(self.model, embs[j:j + 1], mbox)
-                    out.append(_result(k, logits[0], frames[j], np.asarray(box, np.float32), "expert", iou, orient))
+                    out.append(_result(k, logits[0], frames[j], boxes[k], "expert", iou))
                 return out
             fallback = torch.stack([torch.as_tensor(f.full_box()) for f in frames]).to(dev)
             sp = self_prompt(self.model, embs, fallback)
             out = []
             for j, k in enumerate(chunk):
-                if bool(sp.fallback_used[j]) and options.empty_y0 == "skip":
-                    out.append(_empty(k, frames[j], orient))
+                if bool(sp.fallback_used[j]) and empty_y0 == "skip":
+                    out.append(_empty(k, stack))
                     continue
                 src = "fallback" if bool(sp.fallback_used[j]) else "self"
-                box = orient.box_to_stored(frames[j].box_to_slice(sp.boxes[j].cpu().numpy()),
-                                           orient.stored_shape((frames[j].h, frames[j].w)))
-                out.append(_result(k, sp.y1[j], frames[j], box, src, sp.iou[j], orient))
+                box = frames[j].box_to_slice(sp.boxes[j].cpu().numpy())
+                out.append(_result(k, sp.y1[j], frames[j], box, src, sp.iou[j]))
             return out
 
-    def _propagate(self, volume, axis, indices, intensity, options, cancel, progress) -> Iterator[SliceResult]:
+    def _propagate(self, volume, stack, indices, intensity, options, boxes, cancel) -> Iterator[SliceResult]:
         """Seed on the slice whose first-pass mask is largest, then carry its box outward.
 
         The first pass self-prompts every slice or, when expert ``boxes`` are given, uses them
@@ -293,20 +280,23 @@ class Segmenter:
         slice's mask box (LiteMedSAM-style); a slice with its own expert box keeps that result
         and restarts the carry; a direction stops when the mask falls below ``min_area`` pixels.
         """
-        vkey = volume_key(volume)
-        orient = SliceOrientation.for_volume(volume, axis)
         seeds: dict[int, SliceResult] = {}
-        expert = options.boxes or {}
+        expert = boxes or {}
         # First pass: self-prompt (or expert-box) every slice; this encodes and caches them all.
-        first = SegmentOptions(empty_y0=options.empty_y0, boxes=options.boxes)
-        for chunk, embs, frames in self.embeddings(volume, axis, indices, intensity, options.batch_size, vkey, cancel):
-            for r in self._decode(embs, chunk, frames, first, orient):
-                seeds[r.index] = r
+        for chunk, embs, frames in self.embeddings(volume, stack, indices, intensity, options.batch_size, cancel):
+            if boxes is not None:
+                for k in chunk:
+                    seeds[k] = _empty(k, stack)
+                chunk_boxed = [j for j, k in enumerate(chunk) if k in boxes]
+                if chunk_boxed:
+                    for r in self._decode(embs[chunk_boxed], [chunk[j] for j in chunk_boxed],
+                                          [frames[j] for j in chunk_boxed], options.empty_y0, boxes, stack):
+                        seeds[r.index] = r
+            else:
+                for r in self._decode(embs, chunk, frames, options.empty_y0, None, stack):
+                    seeds[r.index] = r
         seed = max(seeds.values(), key=lambda r: int(r.mask.sum()))
-        total, done = len(indices), 1
         yield seed
-        if progress:
-            progress(done, total)
         for direction in (1, -1):
             carry = mask_box(seed.mask)  # the box the next slice is prompted with
             k = seed.index + direction
@@ -317,20 +307,16 @@ class Segmenter:
                 if k in expert:
                     result, stopped = seeds[k], False
                 elif stopped:
-                    result = _empty(k, None, volume=volume, axis=axis)
+                    result = _empty(k, stack)
                 else:
-                    (chunk, embs, frames), = list(self.embeddings(volume, axis, [k], intensity, 1, vkey))
-                    cbox = orient.box_to_canonical(carry, orient.stored_shape((frames[0].h, frames[0].w)))
-                    mbox = torch.as_tensor(frames[0].box_to_model(cbox), device=embs.device)[None]
+                    (_, embs, frames), = list(self.embeddings(volume, stack, [k], intensity, 1))
+                    mbox = torch.as_tensor(frames[0].box_to_model(carry), device=embs.device)[None]
                     with torch.no_grad():
                         logits, iou = box_prompt(self.model, embs, mbox)
-                    result = _result(k, logits[0], frames[0], carry, "propagated", iou, orient)
+                    result = _result(k, logits[0], frames[0], carry, "propagated", iou)
                     if result.mask.sum() < options.min_area:
-                        result, stopped = _empty(k, frames[0], orient), True
+                        result, stopped = _empty(k, stack), True
                 yield result
-                done += 1
-                if progress:
-                    progress(done, total)
                 if not stopped:
                     carry = mask_box(result.mask)
                     stopped = carry is None
@@ -340,46 +326,47 @@ class Segmenter:
         self, volume: Volume, k: int, positive: Sequence[Sequence[float]], negative: Sequence[Sequence[float]],
         previous: SliceResult | None = None, options: SegmentOptions | None = None,
     ) -> SliceResult:
-        """Click correction of one slice on its cached embedding (clicks in slice pixels x, y)."""
+        """Click correction of one slice on its cached embedding.
+
+        Clicks (x, y) and ``previous`` are on the stored grid, like every result; ``previous.logits``
+        are the canonical low-res logits the segment pass returned.
+        """
         options = options or SegmentOptions()
-        axis = resolve_axis(volume, options.axis)
-        intensity = self.intensity_for(volume, options)
-        (chunk, embs, frames), = list(self.embeddings(volume, axis, [k], intensity, 1))
-        frame = frames[0]
-        orient = SliceOrientation.for_volume(volume, axis)
-        stored_hw = orient.stored_shape((frame.h, frame.w))
         pts = [*positive, *negative]
         if not pts:
             raise InputError("a correction needs at least one positive or negative click")
-        coords = torch.as_tensor(frame.points_to_model(orient.points_to_canonical(pts, stored_hw)),
-                                 device=embs.device)[None]
+        axis = resolve_axis(volume, options.axis)
+        stack = SliceStack.of(volume, axis)
+        intensity = self.intensity_for(volume, options)
+        (_, embs, frames), = list(self.embeddings(volume, stack, [k], intensity, 1))
+        frame = frames[0]
+        coords = torch.as_tensor(frame.points_to_model(stack.points_in(pts)), device=embs.device)[None]
         labels = torch.tensor([[1] * len(positive) + [0] * len(negative)], device=embs.device)
-        box = None
+        box = prev_box = None
         if previous is not None and previous.box is not None:
-            cbox = orient.box_to_canonical(previous.box, stored_hw)
-            box = torch.as_tensor(frame.box_to_model(cbox), device=embs.device)[None]
+            prev_box = stack.box_in(previous.box)
+            box = torch.as_tensor(frame.box_to_model(prev_box), device=embs.device)[None]
         prev_logits = previous.logits.to(embs.device) if previous is not None and previous.logits is not None else None
         with torch.no_grad():
             logits, iou = refine(self.refiner or self.model, embs, box, prev_logits, coords, labels)
         src = previous.box_source if previous is not None else "none"
-        return _result(k, logits[0], frame, previous.box if previous is not None else None, src, iou, orient)
+        return _stored(_result(k, logits[0], frame, prev_box, src, iou), stack)
 
 
-def _result(k: int, low_res: torch.Tensor, frame: Frame, box, source: str, iou: torch.Tensor,
-            orient: SliceOrientation) -> SliceResult:
-    """``frame``/``low_res`` are of the canonical view; ``box`` is already on the stored grid."""
-    mask = orient.to_stored((logits_to_slice(low_res, frame) > 0).cpu().numpy())
+def _result(k: int, low_res: torch.Tensor, frame: Frame, box, source: str, iou: torch.Tensor) -> SliceResult:
+    """A result in the canonical view (``_stored`` maps it back once)."""
+    mask = (logits_to_slice(low_res, frame) > 0).cpu().numpy()
     return SliceResult(k, mask, None if box is None else np.asarray(box, np.float32), source,
                        float(iou.reshape(-1)[0]), low_res.detach().reshape(1, 1, *low_res.shape[-2:]).cpu())
 
 
-def _empty(k: int, frame: Frame | None, orient: SliceOrientation | None = None, volume: Volume | None = None,
-           axis: int = 0) -> SliceResult:
-    if frame is not None:
-        shape = orient.stored_shape((frame.h, frame.w)) if orient is not None else (frame.h, frame.w)
-    else:
-        shape = take_slice(volume.array[..., 0] if volume.is_rgb else volume.array, axis, 0).shape  # type: ignore[union-attr]
-    return SliceResult(k, np.zeros(shape, bool), None, "none", 0.0, None)
+def _empty(k: int, stack: SliceStack) -> SliceResult:
+    return SliceResult(k, np.zeros(stack.shape, bool), None, "none", 0.0, None)
+
+
+def _stored(result: SliceResult, stack: SliceStack) -> SliceResult:
+    """The canonical-view result on the stored slice grid; the logits stay canonical (model input)."""
+    return replace(result, mask=stack.mask_out(result.mask), box=stack.box_out(result.box))
 
 
 def largest_component_3d(mask: np.ndarray) -> np.ndarray:
