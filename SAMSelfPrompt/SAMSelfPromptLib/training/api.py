@@ -8,6 +8,7 @@ was trained on, how, and how well.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,10 +42,11 @@ def base_model(checkpoint: str | Path | None, model_id: str = "litemedsam", devi
 
 
 def _val_dice_with(model: SamBackbone, state: dict[str, torch.Tensor], val: Sequence[Sample],
-                   cache: DiskEmbeddingCache) -> dict[str, float]:
+                   cache: DiskEmbeddingCache, trace: bool = True,
+                   cancel: threading.Event | None = None) -> dict[str, float]:
     keep = {k: v.clone() for k, v in model.trainable_state().items()}
     model.load_state_dict(state, strict=False)
-    emb, frames = cache.embed(model, val)
+    emb, frames = cache.embed(model, val, trace=trace, cancel=cancel)
     out = evaluate_val(model, val, emb, frames)
     model.load_state_dict(keep, strict=False)
     return out
@@ -64,8 +66,14 @@ def train_samples(
     progress: bool = True,
     extra_metadata: dict[str, Any] | None = None,
     log=print,
+    trace: bool = True,
+    cancel: threading.Event | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
-    """Train SAM-SP and (if ``out``) save the checkpoint; returns the result and its metadata."""
+    """Train SAM-SP and (if ``out``) save the checkpoint; returns the result and its metadata.
+
+    ``trace`` (may the CPU encoder be traced for long runs) and ``cancel`` (checked between
+    images and steps; raises ``errors.Cancelled`` before anything is saved) go to the trainer.
+    """
     config = config or TrainConfig()
     cache = cache or DiskEmbeddingCache()
     model = model or build_model()
@@ -73,12 +81,12 @@ def train_samples(
         raise ValueError("no training samples")
     intensity = train[0].intensity
     result = run_training(model, train, val, config, out_dir=work_dir, resume=resume, cache=cache,
-                          progress=progress, log=log)
+                          progress=progress, log=log, trace=trace, cancel=cancel)
     use_half = half == "yes"
     half_check = None
     if half == "auto" and val and config.mode == "cpu":
         state16 = {k: v.half().float() for k, v in result.model.trainable_state().items()}
-        half_check = _val_dice_with(result.model, state16, val, cache)
+        half_check = _val_dice_with(result.model, state16, val, cache, trace, cancel)
         use_half = abs(half_check["samsp"] - result.best_val["samsp"]) <= HALF_TOLERANCE
     meta: dict[str, Any] = {
         "modality": intensity.modality,

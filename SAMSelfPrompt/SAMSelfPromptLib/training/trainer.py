@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..modeling.backbones import SamBackbone, autocast_for
 from ..core.preprocess import Frame, mask_to_low_res
 from ..core.selfprompt import box_from_logits
 from .data import Sample
-from .embedding_cache import DiskEmbeddingCache, model_input
+from .embedding_cache import DiskEmbeddingCache, check_cancel, model_input
 from .losses import dice_loss, samsp_loss
 
 
@@ -153,10 +154,11 @@ class Batches:
     """Inputs for the loop: cached embeddings (cpu mode) or model inputs (paper mode), plus targets."""
 
     def __init__(self, samples: Sequence[Sample], model: SamBackbone, mode: str, cache: DiskEmbeddingCache | None,
-                 progress: bool):
+                 progress: bool, trace: bool = True, cancel: threading.Event | None = None):
         self.frames = [Frame(s.image.shape[0], s.image.shape[1], model.image_size) for s in samples]
         if mode == "cpu":
-            self.inputs, _ = (cache or DiskEmbeddingCache()).embed(model, samples, progress=progress, desc="caching embeddings")
+            self.inputs, _ = (cache or DiskEmbeddingCache()).embed(model, samples, progress=progress, desc="caching embeddings",
+                                                                   trace=trace, cancel=cancel)
         else:
             self.inputs = torch.stack([model_input(s, model.image_size)[0] for s in samples]).to(torch.float16)
         self.targets = torch.stack([mask_to_low_res(s.mask, f) for s, f in zip(samples, self.frames)])
@@ -204,11 +206,15 @@ def train(
     cache: DiskEmbeddingCache | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    trace: bool = True,
+    cancel: threading.Event | None = None,
 ) -> TrainResult:
     """Train SAM-SP in place on ``model``; returns it with the best-val weights loaded.
 
     Without val samples the last epoch is kept. ``out_dir`` receives log.jsonl and
     last.pt (everything needed to resume: weights, optimizer, scheduler, epoch, best).
+    ``trace`` and ``cancel`` go to the embedding cache (see ``DiskEmbeddingCache.embed``);
+    ``cancel`` is also checked before every step, raising ``errors.Cancelled``.
     """
     t_start = time.time()
     if config.num_threads:
@@ -232,11 +238,11 @@ def train(
     cache = cache or DiskEmbeddingCache()
     if config.mode == "cpu":  # fill the cache in one pass, so a long run traces the encoder only once
         cache.embed(model, [*train_samples, *(val_samples or [])], progress=progress and rank == 0,
-                    desc="caching embeddings")
-    data = Batches(train_samples, model, config.mode, cache, progress and rank == 0)
+                    desc="caching embeddings", trace=trace, cancel=cancel)
+    data = Batches(train_samples, model, config.mode, cache, progress and rank == 0, trace=trace, cancel=cancel)
     val_emb = val_frames = None
     if val_samples and config.mode == "cpu":
-        val_emb, val_frames = cache.embed(model, val_samples)
+        val_emb, val_frames = cache.embed(model, val_samples, trace=trace, cancel=cancel)
     step_module: nn.Module = SamSpStep(model, encode=config.mode == "paper")
     if world > 1:
         # Unused: point embeddings, the 3 multimask heads, the IoU head. Without this flag their
@@ -283,6 +289,7 @@ def train(
 
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False)
         for s in range(steps_per_epoch):
+            check_cancel(cancel)
             idx = perm[s * config.batch_size:(s + 1) * config.batch_size]
             jit = (torch.rand(len(idx), 4, generator=gen) * 2 - 1) * config.box_jitter
             flips = (torch.rand(len(idx), 2, generator=gen) < 0.5) & config.flip
