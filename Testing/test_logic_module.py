@@ -48,6 +48,67 @@ def test_ui_parameters_match_the_parameter_node():
     assert names == set(SAMSelfPrompt.SAMSelfPromptParameterNode.declared)
 
 
+def test_parameter_node_mirrors_the_controller_parameters():
+    """The parameter node and the controller's Parameters are one list of fields, and
+    NodeParameters reads and writes the node (the controller writes back the output it made)."""
+    import dataclasses
+
+    sys.path[:0] = [str(SHIMS), str(MODULE)]
+    from install_shims import install
+
+    install()
+    import SAMSelfPrompt
+    from SAMSelfPromptLib.slicer.controller import LAST_SLICE, PARAMETER_NAMES, NodeParameters, Parameters
+
+    declared = SAMSelfPrompt.SAMSelfPromptParameterNode.declared
+    assert [f.name for f in dataclasses.fields(Parameters)] == list(PARAMETER_NAMES)
+    assert set(PARAMETER_NAMES.values()) == set(declared)
+    node = SAMSelfPrompt.SAMSelfPromptParameterNode()
+    for field in dataclasses.fields(Parameters):  # same defaults (nodes default to None)
+        assert getattr(node, PARAMETER_NAMES[field.name]) == field.default, field.name
+    params = NodeParameters(node)
+    assert params.last_slice == LAST_SLICE and params.rerun == "new segment"
+    params.checkpoint = "/adapted.pt"
+    assert node.checkpoint == "/adapted.pt"
+    with pytest.raises(AttributeError):
+        params.no_such_field  # noqa: B018
+
+
+def test_last_slice_special_value_is_the_controllers():
+    """Defect g: the .ui shows "last" at the value the controller reads as "to the end"."""
+    from SAMSelfPromptLib.slicer.controller import LAST_SLICE
+
+    spin = next(w for w in ui_tree().iter("widget") if w.get("name") == "lastSliceSpinBox")
+    props = {p.get("name"): p for p in spin.iter("property")}
+    assert props["specialValueText"].findtext("string") == "last"
+    assert int(props["minimum"].findtext("number")) == LAST_SLICE == int(props["value"].findtext("number"))
+
+
+def test_module_file_creates_shortcuts_only_from_the_view():
+    """Defect c: no shortcut is bound in setup(); they follow view().shortcuts_enabled."""
+    source = (MODULE / "SAMSelfPrompt.py").read_text()
+    setup = source[source.index("    def setup("):source.index("    def cleanup(")]
+    assert "QShortcut" not in setup
+    assert "self._setShortcuts(view.shortcuts_enabled)" in source
+
+
+def test_self_test_drives_the_controller(ct_dicom_dir):
+    """Slicer's self-test class, run here on the CT series instead of SampleData (not available)."""
+    sys.path[:0] = [str(SHIMS), str(MODULE), str(REPO / "Testing")]
+    from install_shims import install
+
+    install()
+    import SAMSelfPrompt
+    from mrml_helpers import load_dicom_series
+
+    class OnTheCtSeries(SAMSelfPrompt.SAMSelfPromptTest):
+        def loadVolume(self):
+            return load_dicom_series(ct_dicom_dir, "CT self-test")
+
+    result = OnTheCtSeries("runTest").run()
+    assert result.wasSuccessful(), "\n".join(text for _, text in result.errors + result.failures)
+
+
 def test_widget_names_used_in_code_exist_in_ui():
     defined = {w.get("name") for w in ui_tree().iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "SAMSelfPrompt.py").read_text()))
