@@ -1,0 +1,76 @@
+"""The output segmentation as a file to download: .seg.nrrd, NIfTI, or DICOM-SEG (DICOM input only).
+
+No writer lives here: .seg.nrrd is Slicer's own storage node (``mrml.save_segmentation``), NIfTI
+and DICOM-SEG go through ``io.writers.write_labelmap`` (the CLI's writer) on the segments read
+back from the scene with ``mrml.segment_array`` on the volume's grid.
+
+NIfTI and DICOM-SEG hold every segment of the segmentation: label n is its n-th segment (where
+segments overlap, the later one wins in NIfTI; DICOM-SEG keeps one binary segment each).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+# id -> (what the panel shows, file suffix)
+FORMATS = {
+    "seg.nrrd": ("Slicer segmentation (.seg.nrrd)", ".seg.nrrd"),
+    "nifti": ("NIfTI labelmap (.nii.gz)", ".nii.gz"),
+    "dicom-seg": ("DICOM-SEG (.dcm)", ".dcm"),
+}
+MIME = {"seg.nrrd": "application/octet-stream", "nifti": "application/gzip", "dicom-seg": "application/dicom"}
+
+
+def formats_for(source_files: Sequence[str] | None) -> list[str]:
+    """The formats a volume can be exported to: DICOM-SEG only when it came from a DICOM series."""
+    return [f for f in FORMATS if f != "dicom-seg" or source_files]
+
+
+def file_name(volume_name: str, fmt: str) -> str:
+    stem = re.sub(r"[^\w\-]+", "_", volume_name).strip("_") or "segmentation"
+    return f"{stem}_SAM-SP{FORMATS[fmt][1]}"
+
+
+def segments_labelmap(segmentation_node, volume_node) -> tuple[np.ndarray, list[dict]]:
+    """Every segment on the volume's [K, J, I] grid, label n for the n-th segment."""
+    from ..slicer import mrml
+
+    segmentation = segmentation_node.GetSegmentation()
+    labelmap = None
+    segments = []
+    for n in range(segmentation.GetNumberOfSegments()):
+        sid = segmentation.GetNthSegmentID(n)
+        array = mrml.segment_array(segmentation_node, sid, volume_node)
+        if labelmap is None:
+            labelmap = np.zeros(array.shape, np.uint8 if segmentation.GetNumberOfSegments() < 255 else np.uint16)
+        labelmap[array > 0] = n + 1
+        segment = segmentation.GetSegment(sid)
+        segments.append({"label": n + 1, "name": segment.GetName(), "color": tuple(segment.GetColor())})
+    if labelmap is None:
+        raise InputError(f"{segmentation_node.GetName()} has no segment to export")
+    return labelmap, segments
+
+
+def export_segmentation(segmentation_node, volume_node, fmt: str, folder: str | Path,
+                        source_files: Sequence[str] | None = None) -> Path:
+    """Write the segmentation of ``volume_node`` in ``fmt`` into ``folder``; returns the file."""
+    from ..io.writers import write_labelmap
+    from ..slicer import mrml
+
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if segmentation_node is None or volume_node is None:
+        raise InputError("nothing to export yet: run Auto-segment first")
+    if fmt == "dicom-seg" and not source_files:
+        raise InputError(f"{volume_node.GetName()} was not loaded from DICOM: export .seg.nrrd or NIfTI instead")
+    path = Path(folder) / file_name(volume_node.GetName(), fmt)
+    if fmt == "seg.nrrd":
+        return mrml.save_segmentation(segmentation_node, path, overwrite=True)
+    labelmap, segments = segments_labelmap(segmentation_node, volume_node)
+    return write_labelmap(path, labelmap, mrml.ijk_to_world(volume_node), segments,
+                          source_files=list(source_files or []) if fmt == "dicom-seg" else None, overwrite=True)
