@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "training",
     "bench",
     "download",
+    "app",
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
