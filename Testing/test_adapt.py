@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_logic import load_dicom_series  # noqa: E402  (also installs the shims, as Slicer's loader needs)
+from mrml_helpers import load_dicom_series  # noqa: E402  (also installs the shims, as Slicer's loader needs)
 
 from SAMSelfPromptLib.errors import InputError  # noqa: E402
 from SAMSelfPromptLib.modeling import traced_encoder  # noqa: E402

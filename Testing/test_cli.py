@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import shared_path
-from SAMSelfPromptLib.cli.main import main as cli
+from SAMSelfPromptLib.cli import main as cli
 from SAMSelfPromptLib.weights.checkpoint import FORMAT, save_samsp
 from SAMSelfPromptLib.io import read_any, read_image
 from SAMSelfPromptLib.io.sample import dice

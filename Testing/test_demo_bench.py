@@ -8,7 +8,7 @@ import re
 import numpy as np
 import slicerio
 
-from SAMSelfPromptLib.cli.main import main as cli
+from SAMSelfPromptLib.cli import main as cli
 from SAMSelfPromptLib.io import read_image
 
 NUM = r"[0-9]+(?:\.[0-9]+)?"

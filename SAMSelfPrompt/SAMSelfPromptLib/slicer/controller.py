@@ -260,7 +260,7 @@ class ModuleController:
             return None  # the whole volume: no need to read its size here
         from ..core.predictor import resolve_axis  # lazily: it imports torch
 
-        volume = self.logic._volume(volume_node)  # the Logic's cached copy, which the run then reuses
+        volume = self.logic.volume(volume_node)  # the Logic's cached copy, which the run then reuses
         n = 1 if volume.is_rgb else volume.shape_kji[resolve_axis(volume, p.slice_axis)]
         try:
             return slice_range(p.first_slice, p.last_slice, n)

@@ -216,9 +216,12 @@ def slicer_python() -> str:
 
 
 def default_python() -> str:
-    """PythonSlicer when running inside the Slicer application, else this interpreter."""
-    slicer = sys.modules.get("slicer")
-    return slicer_python() if slicer is not None and hasattr(slicer, "app") else sys.executable
+    """This interpreter when it is a Python (a venv, the web app, PythonSlicer itself), else PythonSlicer.
+
+    Inside the Slicer application ``sys.executable`` is the application (SlicerApp-real), which
+    must not run pip; that, not whether ``slicer`` imports, tells the two apart.
+    """
+    return sys.executable if Path(sys.executable).name.lower().startswith("python") else slicer_python()
 
 
 def torch_commands(torch_logic, python: str) -> list[list[str]] | None:

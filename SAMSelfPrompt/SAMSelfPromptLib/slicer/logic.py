@@ -105,7 +105,7 @@ class SAMSelfPromptLogic:
         from ..core.predictor import SegmentOptions, resolve_axis
         from ..runtime.jobs import segmentation_job
 
-        volume = self._volume(volume_node)
+        volume = self.volume(volume_node)
         ax = resolve_axis(volume, axis)
         n = 1 if volume.is_rgb else volume.shape_kji[ax]
         start, stop = slice_range or (0, n)
@@ -171,7 +171,7 @@ class SAMSelfPromptLogic:
             raise InputError("wait for the current run to finish (or cancel it) before correcting a slice")
         if segmentation_node is None or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
             raise InputError("choose the segment to correct first (run Auto-segment, or pick a segment)")
-        volume = self._volume(volume_node)
+        volume = self.volume(volume_node)
         ax = resolve_axis(volume, axis)
         index, xy = mrml.ras_to_slice_pixels(volume, ax, [*positive_ras, *negative_ras])
         pos, neg = xy[:len(positive_ras)].tolist(), xy[len(positive_ras):].tolist()
@@ -373,7 +373,7 @@ class SAMSelfPromptLogic:
         self._volumes.clear()
 
     # --- helpers ----------------------------------------------------------------------------------
-    def _volume(self, volume_node):
+    def volume(self, volume_node):
         """The node's voxels as an engine Volume, copied (and later hashed) once per change of the
         image data, not on every click: the copy is needed because the worker must never read VTK
         memory, but a 300-slice volume costs hundreds of MB to copy."""

@@ -130,8 +130,14 @@ def open_model(choice: ModelChoice, device: str | None = None) -> OpenedModel:
     rgb = choice.kind == "RGB"
     checkpoint = choice.checkpoint
     if checkpoint is not None and not _is_samsp(checkpoint):
-        # A plain SAM/MedSAM/LiteMedSAM weights file named as the checkpoint: use it as the backbone.
-        return _vanilla(choice.model_id, checkpoint, device)
+        # A plain SAM/MedSAM/LiteMedSAM weights file named as the checkpoint (a Slicer user may pick
+        # one there): use it as the backbone when it fits, else say what the file is not.
+        try:
+            return _vanilla(choice.model_id, checkpoint, device)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{checkpoint} is not a SAM-SP checkpoint, nor {choice.model_id} weights ({exc}); for plain "
+                "SAM/MedSAM/LiteMedSAM weights use --weights with the matching --model") from None
     if checkpoint is not None:
         model, meta = load_samsp(checkpoint, choice.weights)
         refiner = None if meta.get("role") == "clicks" else click_model_for(model.spec.model_id, meta, choice.kind, rgb)
