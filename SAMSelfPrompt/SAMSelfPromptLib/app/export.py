@@ -4,8 +4,9 @@ No writer lives here: .seg.nrrd is Slicer's own storage node (``mrml.save_segmen
 and DICOM-SEG go through ``io.writers.write_labelmap`` (the CLI's writer) on the segments read
 back from the scene with ``mrml.segment_array`` on the volume's grid.
 
-NIfTI and DICOM-SEG hold every segment of the segmentation: label n is its n-th segment (where
-segments overlap, the later one wins in NIfTI; DICOM-SEG keeps one binary segment each).
+What each holds: .seg.nrrd and DICOM-SEG every segment of the segmentation (DICOM-SEG one binary
+segment each, numbered in segment order); NIfTI, a plain labelmap where overlapping segments
+cannot both be kept, the one segment the panel targets (the last one written) as label 1.
 """
 from __future__ import annotations
 
@@ -31,23 +32,26 @@ def formats_for(source_files: Sequence[str] | None) -> list[str]:
     return [f for f in FORMATS if f != "dicom-seg" or source_files]
 
 
-def file_name(volume_name: str, fmt: str) -> str:
-    stem = re.sub(r"[^\w\-]+", "_", volume_name).strip("_") or "segmentation"
-    return f"{stem}_SAM-SP{FORMATS[fmt][1]}"
+def file_name(title: str, fmt: str) -> str:
+    """A safe file name for ``title`` (a node or segment name) in ``fmt``."""
+    stem = re.sub(r"[^\w\-()]+", "_", title).strip("_") or "segmentation"
+    return f"{stem}{FORMATS[fmt][1]}"
 
 
-def segments_labelmap(segmentation_node, volume_node) -> tuple[np.ndarray, list[dict]]:
-    """Every segment on the volume's [K, J, I] grid, label n for the n-th segment."""
+def segments_labelmap(segmentation_node, volume_node, segment_ids: Sequence[str] | None = None
+                      ) -> tuple[np.ndarray, list[dict]]:
+    """The segments (default: all) on the volume's [K, J, I] grid, label n for the n-th of them."""
     from ..slicer import mrml
 
     segmentation = segmentation_node.GetSegmentation()
+    if segment_ids is None:
+        segment_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
     labelmap = None
     segments = []
-    for n in range(segmentation.GetNumberOfSegments()):
-        sid = segmentation.GetNthSegmentID(n)
+    for n, sid in enumerate(segment_ids):
         array = mrml.segment_array(segmentation_node, sid, volume_node)
         if labelmap is None:
-            labelmap = np.zeros(array.shape, np.uint8 if segmentation.GetNumberOfSegments() < 255 else np.uint16)
+            labelmap = np.zeros(array.shape, np.uint8 if len(segment_ids) < 255 else np.uint16)
         labelmap[array > 0] = n + 1
         segment = segmentation.GetSegment(sid)
         segments.append({"label": n + 1, "name": segment.GetName(), "color": tuple(segment.GetColor())})
@@ -57,8 +61,11 @@ def segments_labelmap(segmentation_node, volume_node) -> tuple[np.ndarray, list[
 
 
 def export_segmentation(segmentation_node, volume_node, fmt: str, folder: str | Path,
-                        source_files: Sequence[str] | None = None) -> Path:
-    """Write the segmentation of ``volume_node`` in ``fmt`` into ``folder``; returns the file."""
+                        source_files: Sequence[str] | None = None, segment_id: str | None = None) -> Path:
+    """Write the segmentation of ``volume_node`` in ``fmt`` into ``folder``; returns the file.
+
+    ``segment_id`` is the segment a NIfTI export holds (default: the last segment).
+    """
     from ..io.writers import write_labelmap
     from ..slicer import mrml
 
@@ -68,9 +75,20 @@ def export_segmentation(segmentation_node, volume_node, fmt: str, folder: str | 
         raise InputError("nothing to export yet: run Auto-segment first")
     if fmt == "dicom-seg" and not source_files:
         raise InputError(f"{volume_node.GetName()} was not loaded from DICOM: export .seg.nrrd or NIfTI instead")
-    path = Path(folder) / file_name(volume_node.GetName(), fmt)
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        raise InputError(f"{segmentation_node.GetName()} has no segment to export")
     if fmt == "seg.nrrd":
+        path = Path(folder) / file_name(segmentation_node.GetName(), fmt)
         return mrml.save_segmentation(segmentation_node, path, overwrite=True)
-    labelmap, segments = segments_labelmap(segmentation_node, volume_node)
+    ids = None
+    if fmt == "nifti":
+        ids = [segment_id or segmentation.GetNthSegmentID(segmentation.GetNumberOfSegments() - 1)]
+        if segmentation.GetSegment(ids[0]) is None:
+            raise InputError(f"segment {ids[0]!r} is not in {segmentation_node.GetName()}")
+        path = Path(folder) / file_name(f"{volume_node.GetName()} {segmentation.GetSegment(ids[0]).GetName()}", fmt)
+    else:
+        path = Path(folder) / file_name(segmentation_node.GetName(), fmt)
+    labelmap, segments = segments_labelmap(segmentation_node, volume_node, ids)
     return write_labelmap(path, labelmap, mrml.ijk_to_world(volume_node), segments,
                           source_files=list(source_files or []) if fmt == "dicom-seg" else None, overwrite=True)

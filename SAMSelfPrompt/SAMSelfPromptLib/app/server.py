@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 
 from trame.app import TrameApp
 from trame.decorators import change
+from trame.ui.vuetify3 import VAppLayout
 from trame.widgets import client, html
 from trame.widgets import vuetify3 as v3
 from trame_server.utils.asynchronous import create_task
-from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 
 from trame_slicer import module as trame_slicer_module
 from trame_slicer.core import LayoutManager, SlicerApp
@@ -77,6 +77,7 @@ class SAMSelfPromptWebApp(TrameApp):
         self.source_files: dict[str, list[str]] = {}  # volume node id -> its DICOM files, in slice order
         self._uploads = 0
         self._tick_task = None
+        self._fitted_views: set[int] = set()
 
         self._init_state()
         self._build_ui()
@@ -151,6 +152,15 @@ class SAMSelfPromptWebApp(TrameApp):
         display.show_volume_in_slice_background(node)
         display.show_volume_in_slice_foreground(None)
         display.reset_views()
+        self._fit_on_resize()
+
+    def _fit_on_resize(self) -> None:
+        """Fit each view to the volume again when the browser gives it its size (a volume loaded
+        before any browser connected was fitted to the default window size)."""
+        for view in self.slicer_app.view_manager.get_views():
+            if id(view) not in self._fitted_views:
+                self._fitted_views.add(id(view))
+                view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: v.reset_view())
 
     # --- panel -> parameters ----------------------------------------------------------------------
     def _init_state(self) -> None:
@@ -263,8 +273,9 @@ class SAMSelfPromptWebApp(TrameApp):
         self.state.ssp_message = ""
         fmt = self.state.ssp_format
         try:
-            path = export.export_segmentation(p.output_segmentation, p.input_volume, fmt, self.work_dir.name,
-                                              self.source_files.get(p.input_volume.GetID()) if p.input_volume else None)
+            files = self.source_files.get(p.input_volume.GetID()) if p.input_volume is not None else None
+            path = export.export_segmentation(p.output_segmentation, p.input_volume, fmt, self.work_dir.name, files,
+                                              segment_id=self.controller.target_segment_id())
         except SamSelfPromptError as exc:
             self.state.ssp_message = f"Export failed: {exc}"
             return None
@@ -328,44 +339,45 @@ class SAMSelfPromptWebApp(TrameApp):
     # --- the page ----------------------------------------------------------------------------------
     def _build_ui(self) -> None:
         ctrl = self.server.controller
-        with SinglePageWithDrawerLayout(self.server, width=360, theme="dark") as self.ui:
-            client.Style("html { overflow-y: hidden; } .ssp-panel .v-btn { text-transform: none; }")
-            self.ui.title.set_text("SAM Self-Prompt")
-            with self.ui.toolbar:
+        dense = dict(density="compact", hide_details=True)
+        with VAppLayout(self.server, theme="dark") as self.ui:
+            client.Style("html { overflow-y: hidden; } .ssp-panel .v-btn { text-transform: none; letter-spacing: 0; }")
+            with v3.VAppBar(density="compact"):
+                v3.VToolbarTitle("SAM Self-Prompt", style="user-select: none;")
                 v3.VSpacer()
                 v3.VFileInput(
-                    id="ssp-upload", label="Load files (DICOM series, volume or picture)", multiple=True,
-                    density="compact", hide_details=True, prepend_icon="mdi-folder-open", style="max-width: 380px;",
-                    change=(self.upload, "[$event.target.files]"),
+                    id="ssp-upload", label="Load: DICOM series, volume or picture", multiple=True,
+                    prepend_icon="mdi-folder-open", style="max-width: 360px;",
+                    change=(self.upload, "[$event.target.files]"), **dense,
                 )
                 v3.VBtn("Sample", id="ssp-sample", prepend_icon="mdi-image", variant="text", classes="ml-2",
                         click=self.load_sample)
-                v3.VSelect(v_model=("ssp_layout",), items=("ssp_layouts",), density="compact", hide_details=True,
-                           style="max-width: 170px;", classes="mx-2")
+                v3.VSelect(v_model=("ssp_layout",), items=("ssp_layouts",), style="max-width: 170px;",
+                           classes="mx-2", **dense)
+                v3.VProgressCircular(indeterminate=("!!trame__busy",), size=16, width=3, classes="mr-3")
 
-            with self.ui.drawer, html.Div(classes="ssp-panel pa-3 d-flex flex-column ga-2"):
+            with v3.VNavigationDrawer(permanent=True, width=340), html.Div(classes="ssp-panel pa-3 d-flex flex-column ga-2"):
                 v3.VSelect(id="ssp-volume", label="Input volume", v_model=("ssp_volume_id",), items=("ssp_volumes",),
-                           density="compact", hide_details=True)
+                           **dense)
                 v3.VCheckbox(id="ssp-batch", label="Batch: every loaded volume", v_model=("ssp_batch_all",),
-                             density="compact", hide_details=True, disabled=("ssp_view.busy",))
+                             disabled=("ssp_view.busy",), **dense)
                 v3.VSelect(id="ssp-target", label="Target", v_model=("ssp_target",), items=("ssp_targets",),
-                           density="compact", hide_details=True, disabled=("ssp_view.busy",))
+                           disabled=("ssp_view.busy",), **dense)
                 v3.VSelect(id="ssp-model", label="Backbone", v_model=("ssp_model",), items=("ssp_models",),
-                           density="compact", hide_details=True, disabled=("ssp_view.busy",))
+                           disabled=("ssp_view.busy",), **dense)
                 html.Div("{{ ssp_choice }}", id="ssp-choice", classes="text-caption text-medium-emphasis")
                 with html.Div(classes="d-flex ga-2"):
                     v3.VTextField(id="ssp-first", label="First slice", v_model=("ssp_first_slice",), type="number",
-                                  density="compact", hide_details=True, disabled=("ssp_view.busy",))
+                                  disabled=("ssp_view.busy",), **dense)
                     v3.VTextField(id="ssp-last", label="Last slice", placeholder="last", v_model=("ssp_last_slice",),
-                                  type="number", density="compact", hide_details=True, disabled=("ssp_view.busy",))
+                                  type="number", disabled=("ssp_view.busy",), **dense)
                 v3.VSelect(id="ssp-rerun", label="A re-run writes", v_model=("ssp_rerun",), items=("ssp_rerun_choices",),
-                           density="compact", hide_details=True, disabled=("ssp_view.busy",))
-                v3.VCheckbox(label="Allow downloads (model weights)", v_model=("ssp_allow_download",),
-                             density="compact", hide_details=True)
+                           disabled=("ssp_view.busy",), **dense)
+                v3.VCheckbox(label="Allow downloads (model weights)", v_model=("ssp_allow_download",), **dense)
                 v3.VBtn("{{ ssp_view.apply_text }}", id="ssp-apply", block=True, size="large",
                         color=("ssp_view.busy ? 'error' : 'primary'",), disabled=("!ssp_view.apply_enabled",),
                         prepend_icon=("ssp_view.busy ? 'mdi-stop' : 'mdi-auto-fix'",), click=self.apply)
-                v3.VProgressLinear(model_value=("ssp_view.progress",), height=8, rounded=True, color="primary")
+                v3.VProgressLinear(model_value=("ssp_view.progress",), height=6, rounded=True, color="primary")
                 html.Div("{{ ssp_view.progress_text }}{{ ssp_view.eta_text ? ' · ' + ssp_view.eta_text : '' }}",
                          id="ssp-progress", classes="text-caption")
                 html.Div("{{ ssp_view.status_text }}", id="ssp-status", classes="text-body-2")
@@ -374,8 +386,8 @@ class SAMSelfPromptWebApp(TrameApp):
                 v3.VAlert("{{ ssp_message }}", id="ssp-message", v_show="ssp_message", type="warning",
                           density="compact", variant="tonal")
 
-                v3.VDivider(classes="my-1")
-                html.Div("Correct a slice: choose a point type, then click in the view.", classes="text-caption")
+                v3.VDivider()
+                html.Div("Correct a slice: pick a point type, then click in the view.", classes="text-caption")
                 with html.Div(classes="d-flex ga-2"):
                     for sign, icon, color in ((POSITIVE, "mdi-plus-circle", "success"),
                                               (NEGATIVE, "mdi-minus-circle", "error")):
@@ -391,17 +403,17 @@ class SAMSelfPromptWebApp(TrameApp):
                             disabled=("!ssp_view.clear_enabled",), click=self.clear_points)
                 html.Div("{{ ssp_view.target_text }}", id="ssp-target-text", classes="text-caption text-medium-emphasis")
 
-                v3.VDivider(classes="my-1")
+                v3.VDivider()
                 with html.Div(classes="d-flex ga-2 align-center"):
                     v3.VSelect(id="ssp-format", label="Export as", v_model=("ssp_format",), items=("ssp_formats",),
-                               density="compact", hide_details=True)
-                    v3.VBtn(id="ssp-export", icon="mdi-download", disabled=("!ssp_export_enabled",),
+                               **dense)
+                    v3.VBtn(id="ssp-export", icon="mdi-download", title="Download the segmentation",
+                            disabled=("!ssp_export_enabled",),
                             click=(f"trigger('{ctrl.trigger_name(self.export_file)}')"
                                    ".then(r => r && utils.download(r.name, r.data, r.mime))"))
 
-            with self.ui.content:
-                with html.Div(style="position: relative; width: 100%; height: calc(100vh - 64px);"):
-                    self.layout_manager.initialize_layout_grid(self.ui)
+            with v3.VMain(), html.Div(style="position: relative; width: 100%; height: calc(100vh - 48px);"):
+                self.layout_manager.initialize_layout_grid(self.ui)
 
 
 def serve(input_paths: Sequence[str | Path] = (), *, host: str = "127.0.0.1", port: int = 8080,

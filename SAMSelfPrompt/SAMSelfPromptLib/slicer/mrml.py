@@ -224,9 +224,14 @@ def write_slice(segmentation_node, segment_id: str, volume_node, axis: int, inde
 
 
 def notify_modified(segmentation_node, segment_id: str) -> None:
+    """Tell observers the segment's labelmap changed, as ``SetBinaryLabelmapToSegment`` does: the
+    source-representation event (storage, derived representations) and RepresentationModified,
+    the one the 2D segmentation displayable manager redraws on (without it a segment that was
+    empty stays hidden in the slice views)."""
     segmentation = segmentation_node.GetSegmentation()
     segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id).Modified()
     segmentation.InvokeEvent(slicer.vtkSegmentation.SourceRepresentationModified, segment_id)
+    segmentation.InvokeEvent(slicer.vtkSegmentation.RepresentationModified, segment_id)
 
 
 def _full_extent_view(segmentation_node, segment_id: str, volume_node) -> tuple[np.ndarray, int]:

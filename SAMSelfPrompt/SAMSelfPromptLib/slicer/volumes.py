@@ -24,7 +24,7 @@ from ..core.volume import Volume
 def add_volume(scene, volume: Volume, name: str | None = None):
     """A new volume node in ``scene`` holding a copy of ``volume`` (voxels, geometry, modality)."""
     node_class = "vtkMRMLVectorVolumeNode" if volume.is_rgb else "vtkMRMLScalarVolumeNode"
-    node = scene.AddNewNodeByClass(node_class, name or volume.name)
+    node = scene.AddNewNodeByClass(node_class, scene.GenerateUniqueName(name or volume.name))
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
