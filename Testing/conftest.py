@@ -38,3 +38,22 @@ def ct_dicom_dir() -> Path:
 @pytest.fixture(scope="session")
 def ph2_dir() -> Path:
     return shared_path("ph2")
+
+
+@pytest.fixture(scope="module")
+def ct_node(ct_dicom_dir):
+    """The CT series as a scalar volume node, loaded the way Slicer's DICOM plugin loads it."""
+    from mrml_helpers import load_dicom_series
+
+    return load_dicom_series(ct_dicom_dir, "CT abdomen")
+
+
+@pytest.fixture(scope="module")
+def logic():
+    """The Logic exactly as the module creates it: it chooses and loads its own models."""
+    import mrml_helpers  # noqa: F401  (installs the shims before slicer is imported)
+    from SAMSelfPromptLib.slicer.logic import SAMSelfPromptLogic
+
+    lg = SAMSelfPromptLogic()
+    yield lg
+    lg.shutdown()

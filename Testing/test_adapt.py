@@ -11,7 +11,6 @@ Each run uses at most 3 labelled slices and 1 epoch (about 2 s per encoded slice
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -19,29 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from mrml_helpers import load_dicom_series  # noqa: E402  (also installs the shims, as Slicer's loader needs)
+import mrml_helpers  # noqa: E402, F401  (installs the shims, as Slicer's loader needs)
 
 from SAMSelfPromptLib.errors import InputError  # noqa: E402
 from SAMSelfPromptLib.modeling import traced_encoder  # noqa: E402
 from SAMSelfPromptLib.slicer import adapt, mrml  # noqa: E402
-from SAMSelfPromptLib.slicer.logic import SAMSelfPromptLogic  # noqa: E402
 from SAMSelfPromptLib.training.data import Sample  # noqa: E402
 from SAMSelfPromptLib.training.embedding_cache import DiskEmbeddingCache  # noqa: E402
 from SAMSelfPromptLib.core.preprocess import Intensity  # noqa: E402
 
 SLICES = (8, 9, 10)  # three axial slices through the abdomen
-
-
-@pytest.fixture(scope="module")
-def ct_node(ct_dicom_dir):
-    return load_dicom_series(ct_dicom_dir, "CT for Adapt")
-
-
-@pytest.fixture(scope="module")
-def logic():
-    lg = SAMSelfPromptLogic()
-    yield lg
-    lg.shutdown()
 
 
 @pytest.fixture

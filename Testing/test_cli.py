@@ -27,7 +27,7 @@ from conftest import shared_path
 from SAMSelfPromptLib.cli import main as cli
 from SAMSelfPromptLib.weights.checkpoint import FORMAT, save_samsp
 from SAMSelfPromptLib.io import read_any, read_image
-from SAMSelfPromptLib.io.sample import dice
+from SAMSelfPromptLib.core.masks import dice
 from SAMSelfPromptLib.core.masks import mask_box
 from SAMSelfPromptLib.core.predictor import Segmenter, SegmentOptions, segment_volume
 

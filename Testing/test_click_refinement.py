@@ -15,7 +15,8 @@ from scipy import ndimage
 from SAMSelfPromptLib.weights.catalogue import open_segmenter, shipped_models
 from SAMSelfPromptLib.core.volume import Volume
 from SAMSelfPromptLib.core.preprocess import Frame, logits_to_slice
-from SAMSelfPromptLib.io.sample import dermoscopy_sample, dice
+from SAMSelfPromptLib.core.masks import dice
+from SAMSelfPromptLib.io.sample import dermoscopy_sample
 
 
 @pytest.fixture(scope="module")

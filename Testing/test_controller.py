@@ -11,28 +11,15 @@ import time
 
 import numpy as np
 import pytest
-from mrml_helpers import load_dicom_series
+import mrml_helpers  # noqa: F401  (installs the shims before slicer is imported)
 
 import slicer
 from SAMSelfPromptLib.errors import InputError
 from SAMSelfPromptLib.slicer import mrml
 from SAMSelfPromptLib.slicer.controller import (LAST_SLICE, NEGATIVE, OVERWRITE, POSITIVE, ModuleController,
                                                 Parameters, State, slice_range)
-from SAMSelfPromptLib.slicer.logic import SAMSelfPromptLogic
 
 N_SLICES = 20  # the CT series' axial slices
-
-
-@pytest.fixture(scope="module")
-def ct_node(ct_dicom_dir):
-    return load_dicom_series(ct_dicom_dir, "CT abdomen")
-
-
-@pytest.fixture(scope="module")
-def logic():
-    lg = SAMSelfPromptLogic()
-    yield lg
-    lg.shutdown()
 
 
 @pytest.fixture

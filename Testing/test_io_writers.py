@@ -10,7 +10,7 @@ import slicerio
 
 from SAMSelfPromptLib.errors import InputError
 from SAMSelfPromptLib.io import read_image, write_labelmap, write_nifti_labelmap, write_seg_nrrd
-from SAMSelfPromptLib.io.writers import OutputExistsError, atomic_write
+from SAMSelfPromptLib.io.files import OutputExistsError, atomic_write
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

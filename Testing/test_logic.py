@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mrml_helpers import load_dicom_series  # noqa: E402  (installs the shims first)
+import mrml_helpers  # noqa: E402, F401  (installs the shims first)
 import slicer  # noqa: E402
 import vtk  # noqa: E402
 
@@ -23,19 +23,6 @@ from SAMSelfPromptLib.slicer import mrml  # noqa: E402
 from SAMSelfPromptLib.slicer.logic import SAMSelfPromptLogic  # noqa: E402
 
 RANGE = (8, 11)  # three axial slices through the abdomen
-
-
-@pytest.fixture(scope="module")
-def ct_node(ct_dicom_dir):
-    return load_dicom_series(ct_dicom_dir, "CT abdomen")
-
-
-@pytest.fixture(scope="module")
-def logic():
-    """The Logic exactly as the module creates it: it chooses and loads its own models."""
-    lg = SAMSelfPromptLogic()
-    yield lg
-    lg.shutdown()
 
 
 def the_segmenter(logic, run):

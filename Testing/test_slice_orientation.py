@@ -151,7 +151,7 @@ def ct_slices():
 
 def test_ct_model_segments_a_ras_stored_copy_identically(ct_slices):
     from SAMSelfPromptLib.weights.catalogue import open_segmenter
-    from SAMSelfPromptLib.io.sample import dice
+    from SAMSelfPromptLib.core.masks import dice
 
     lps, liver = ct_slices
     seg: Segmenter = open_segmenter(modality="CT").segmenter

@@ -9,7 +9,7 @@ from scipy.spatial.transform import Rotation
 
 from SAMSelfPromptLib.errors import InputError
 from SAMSelfPromptLib.core.volume import Volume
-from SAMSelfPromptLib.io.sample import dice
+from SAMSelfPromptLib.core.masks import dice
 from SAMSelfPromptLib.core.masks import mask_box
 from SAMSelfPromptLib.core.predictor import Segmenter, SegmentOptions, largest_component_3d, resolve_axis, segment_volume
 

@@ -14,7 +14,8 @@ import numpy as np
 from ..weights.catalogue import open_segmenter
 from ..core.volume import Volume
 from ..io import write_labelmap
-from ..io.sample import dermoscopy_sample, dice
+from ..core.masks import dice
+from ..io.sample import dermoscopy_sample
 from ..core.predictor import segment_volume
 
 

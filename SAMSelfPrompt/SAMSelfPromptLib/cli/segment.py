@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InputError, SamSelfPromptError
 from ..core.volume import Volume
 from ..io import list_dicom_series, read_any, read_dicom_series, write_labelmap
-from ..io.writers import OutputExistsError
+from ..io.files import OutputExistsError
 from ..io.images import PICTURE_SUFFIXES, VOLUME_SUFFIXES
 from ..io.writers import full_suffix as _suffix
 from ..core.predictor import SegmentOptions, segment_volume

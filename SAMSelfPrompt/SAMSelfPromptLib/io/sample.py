@@ -7,8 +7,6 @@ the demo can print its own Dice.
 from __future__ import annotations
 
 import numpy as np
-
-from ..core.masks import dice  # noqa: F401  (the demo scores the sample with it)
 from scipy import ndimage
 
 

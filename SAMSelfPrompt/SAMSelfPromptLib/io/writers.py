@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from .dicom import LPS_TO_RAS
-from .files import OutputExistsError, atomic_write, full_suffix  # noqa: F401 (re-exported)
+from .files import atomic_write, full_suffix
 from .labelmap import check_labelmap, color01, complete_segments
 
 RAS_TO_LPS = LPS_TO_RAS  # the flip is its own inverse

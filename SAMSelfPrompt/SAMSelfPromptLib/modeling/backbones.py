@@ -9,7 +9,7 @@ from a checkpoint file (see ``download.py`` for the consented download).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
