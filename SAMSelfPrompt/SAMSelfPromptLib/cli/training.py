@@ -216,7 +216,7 @@ def _click_metrics(args, vanilla, samsp, samples, device) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry (python -m SAMSelfPromptLib.training.commands) until cli.py wires it in."""
+    """Only train and evaluate (tests call it in-process); `samselfprompt` itself is cli.main."""
     parser = argparse.ArgumentParser(prog="samselfprompt")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
