@@ -160,7 +160,7 @@ class SAMSelfPromptWebApp(TrameApp):
         for view in self.slicer_app.view_manager.get_views():
             if id(view) not in self._fitted_views:
                 self._fitted_views.add(id(view))
-                view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: v.reset_view())
+                view.render_window().AddObserver("WindowResizeEvent", lambda *_, v=view: v.reset_view())
 
     # --- panel -> parameters ----------------------------------------------------------------------
     def _init_state(self) -> None:
@@ -345,10 +345,11 @@ class SAMSelfPromptWebApp(TrameApp):
             with v3.VAppBar(density="compact"):
                 v3.VToolbarTitle("SAM Self-Prompt", style="user-select: none;")
                 v3.VSpacer()
+                html.Span("Load a DICOM series, a volume or a picture", classes="text-caption mr-1")
                 v3.VFileInput(
-                    id="ssp-upload", label="Load: DICOM series, volume or picture", multiple=True,
-                    prepend_icon="mdi-folder-open", style="max-width: 360px;",
-                    change=(self.upload, "[$event.target.files]"), **dense,
+                    id="ssp-upload", multiple=True, hide_input=True, prepend_icon="mdi-folder-open",
+                    title="Load files: every file of a DICOM series, a volume (.nii.gz, .nrrd, ...) or a picture",
+                    style="max-width: 48px;", change=(self.upload, "[$event.target.files]"), **dense,
                 )
                 v3.VBtn("Sample", id="ssp-sample", prepend_icon="mdi-image", variant="text", classes="ml-2",
                         click=self.load_sample)
