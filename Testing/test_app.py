@@ -1,0 +1,135 @@
+"""The web app without a browser: the command line's guards, the exports' rules, the screenshot,
+and a segment written slice by slice drawn in a real (offscreen) trame-slicer slice view.
+
+The browser end to end is Testing/test_app_browser.py.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "Resources" / "Screenshots" / "WebAppCT.png"
+
+
+def run_app(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "SAMSelfPromptLib.cli.main", "app", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_input_stops_the_app_before_it_serves_and_other_hosts_are_warned_about():
+    result = run_app(str(REPO / "no-such-series"), "--host", "0.0.0.0", "--port", "0")
+    assert result.returncode == 2, result.stderr
+    assert "WARNING: serving on 0.0.0.0" in result.stderr and "no authentication" in result.stderr
+    assert "no-such-series: no such file or folder" in result.stderr
+    assert "App running" not in result.stdout
+
+
+def test_local_host_has_no_warning_and_a_bad_port_is_refused():
+    result = run_app("--port", "70000")
+    assert result.returncode == 2
+    assert "--port 70000 is not a port number" in result.stderr and "WARNING" not in result.stderr
+
+
+def test_app_help_names_the_default_host():
+    result = subprocess.run([sys.executable, "-m", "SAMSelfPromptLib.cli.main", "app", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "127.0.0.1" in result.stdout and "no authentication" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def slicer_app():
+    """trame-slicer's own application (scene, logics) with one offscreen axial view, no server."""
+    from trame_slicer.core import SlicerApp
+    from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
+
+    app = SlicerApp()
+    app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+    view = app.view_manager.create_view(ViewLayoutDefinition.axial_view())
+    view.render_window().SetSize(256, 192)
+    return app, view
+
+
+def sample_node(app):
+    from SAMSelfPromptLib.app.inputs import sample_volume
+    from SAMSelfPromptLib.slicer.volumes import add_volume
+
+    volume, truth = sample_volume()
+    node = add_volume(app.scene, volume)
+    assert node.IsA("vtkMRMLVectorVolumeNode") and node.GetName().startswith("Sample dermoscopy")
+    return node, truth
+
+
+def test_a_segment_written_slice_by_slice_is_drawn_in_the_slice_view(slicer_app):
+    """``mrml.write_slice`` (the Logic's live write) must make the 2D displayable manager redraw."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+    from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
+
+    from SAMSelfPromptLib.slicer import mrml
+
+    app, view = slicer_app
+    node, truth = sample_node(app)
+    app.display_manager.show_volume_in_slice_background(node)
+    app.display_manager.reset_views()
+
+    def pixels():
+        view.render()
+        grab = vtkWindowToImageFilter()
+        grab.SetInput(view.render_window())
+        grab.Update()
+        image = grab.GetOutput()
+        w, h, _ = image.GetDimensions()
+        return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3].astype(int)
+
+    before = pixels()
+    seg = mrml.new_segmentation_for(node)
+    sid = mrml.output_segment(seg, "SAM-SP")
+    mrml.write_slice(seg, sid, node, 0, 0, truth)
+    after = pixels()
+    changed = np.abs(after - before).sum(axis=2) > 30
+    # The fill covers the lesion's share of the view (the picture fills part of the view only).
+    assert changed.mean() > 0.5 * truth.mean() * (before.sum(axis=2) > 0).mean(), changed.mean()
+
+
+def test_exports_follow_the_input(slicer_app, tmp_path):
+    import SimpleITK as sitk
+
+    from SAMSelfPromptLib.app import export
+    from SAMSelfPromptLib.errors import InputError
+    from SAMSelfPromptLib.slicer import mrml
+
+    app, _ = slicer_app
+    node, truth = sample_node(app)
+    assert export.formats_for(None) == ["seg.nrrd", "nifti"]
+    assert export.formats_for(["a.dcm"]) == ["seg.nrrd", "nifti", "dicom-seg"]
+    seg = mrml.new_segmentation_for(node)
+    with pytest.raises(InputError, match="has no segment to export"):
+        export.export_segmentation(seg, node, "nifti", tmp_path)
+    first = mrml.output_segment(seg, "SAM-SP")
+    mrml.write_slice(seg, first, node, 0, 0, truth)
+    second = mrml.output_segment(seg, "SAM-SP")
+    mrml.write_slice(seg, second, node, 0, 0, ~truth)
+    with pytest.raises(InputError, match="was not loaded from DICOM"):
+        export.export_segmentation(seg, node, "dicom-seg", tmp_path)
+    path = export.export_segmentation(seg, node, "nifti", tmp_path, segment_id=first)
+    assert path.name == "Sample_dermoscopy_SAM-SP.nii.gz" or path.name.endswith("_SAM-SP.nii.gz")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert np.array_equal(array[0] > 0, truth)  # the one segment asked for, on the picture's grid
+    path = export.export_segmentation(seg, node, "seg.nrrd", tmp_path)
+    assert path.name.endswith(".seg.nrrd") and path.stat().st_size > 0
+
+
+def test_the_screenshot_is_small_and_named_everywhere():
+    from PIL import Image
+
+    with Image.open(SCREENSHOT) as image:
+        assert image.format == "PNG" and image.size[0] >= 800
+    assert SCREENSHOT.stat().st_size < 500_000
+    rel = SCREENSHOT.relative_to(REPO).as_posix()
+    assert rel in (REPO / "README.md").read_text()
+    for f in ("CMakeLists.txt", "SAMSelfPrompt.s4ext"):
+        assert f"/main/{rel}" in (REPO / f).read_text(), f
