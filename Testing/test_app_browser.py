@@ -108,6 +108,17 @@ def wait_text(page, selector: str, needle: str, timeout: float = RUN_TIMEOUT_MS)
     return text(page, selector)
 
 
+def wait_status(page, needle: str, timeout: float = RUN_TIMEOUT_MS) -> str:
+    """The status line once it says ``needle``; fails at once (with the panel's error) if a run failed."""
+    page.wait_for_function(
+        "t => { const s = document.querySelector('#ssp-status').innerText;"
+        " return s.includes(t) || s.includes('failed') || document.querySelector('#ssp-error').innerText.trim(); }",
+        arg=needle, timeout=timeout)
+    status, error = text(page, "#ssp-status"), text(page, "#ssp-error")
+    assert needle in status and not error, f"status {status!r}, error {error!r}"
+    return status
+
+
 def auto_segment(page) -> tuple[str, float]:
     """Press Auto-segment, see it turn into Cancel, wait until it is Auto-segment again: (status, seconds)."""
     t0 = time.monotonic()
@@ -207,12 +218,12 @@ def test_sample_auto_segment_click_undo_export_batch(page, tmp_path, capsys):
     # A positive click on the skin left of the lesion changes the slice; Undo restores it byte for byte.
     rows, cols = np.nonzero(truth)
     click_voxel(page, LPS_TO_RAS, (1, *truth.shape), cols.min() * 0.5, rows.mean(), "positive")
-    assert wait_text(page, "#ssp-status", "Corrected slice 0").startswith("Corrected slice 0")
+    wait_status(page, "Corrected slice 0")
     clicked, _ = read_nifti(export(page, "NIfTI", tmp_path))
     changed = int(((clicked > 0) != (app_mask > 0)).sum())
     assert changed > 0, "the click changed nothing"
     page.click("#ssp-undo")
-    wait_text(page, "#ssp-status", "Restored slice 0")
+    wait_status(page, "Restored slice 0")
     undone, _ = read_nifti(export(page, "NIfTI", tmp_path))
     assert np.array_equal(undone, app_mask)
 
@@ -294,13 +305,13 @@ def test_ct_upload_cancel_click_undo_dicom_seg(page, tmp_path, capsys):
     rows, cols = np.nonzero(liver)
     centre = np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2)
     click_voxel(page, volume.ijk_to_ras, volume.shape_kji, cols[centre], rows[centre], "negative")
-    corrected = wait_text(page, "#ssp-status", "Corrected slice")
+    corrected = wait_status(page, "Corrected slice")
     k = int(re.search(r"Corrected slice (\d+)", corrected).group(1))
     clicked, _ = read_nifti(export(page, "NIfTI", tmp_path))
     changed = [int(s) for s in np.nonzero((clicked != cancelled).any(axis=(1, 2)))[0]]
     assert changed == [k] and k in shown, (changed, k, shown)
     page.click("#ssp-undo")
-    wait_text(page, "#ssp-status", f"Restored slice {k}")
+    wait_status(page, f"Restored slice {k}")
     undone, _ = read_nifti(export(page, "NIfTI", tmp_path))
     assert np.array_equal(undone, cancelled)
 
