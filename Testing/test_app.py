@@ -133,3 +133,43 @@ def test_the_screenshot_is_small_and_named_everywhere():
     assert rel in (REPO / "README.md").read_text()
     for f in ("CMakeLists.txt", "SAMSelfPrompt.s4ext"):
         assert f"/main/{rel}" in (REPO / f).read_text(), f
+
+
+def test_inputs_a_picture_a_volume_and_uploaded_dicom_files(tmp_path):
+    """What the app loads is read by the engine's readers: a picture is one RGB slice with the CLI's
+    geometry, a volume keeps its grid, DICOM files uploaded together are one series with its files."""
+    import SimpleITK as sitk
+    from PIL import Image
+
+    from conftest import SHARED_DATA
+    from SAMSelfPromptLib.app import inputs
+    from SAMSelfPromptLib.errors import InputError
+    from SAMSelfPromptLib.io.images import read_any
+
+    volume, truth = inputs.sample_volume()
+    png = tmp_path / "sample.png"
+    Image.fromarray(volume.array[0]).save(png)
+    (picture,) = inputs.read_path(png)
+    assert picture.is_rgb and picture.modality == "RGB" and np.array_equal(picture.array, volume.array)
+    assert np.allclose(picture.ijk_to_ras, volume.ijk_to_ras)  # the sample is the picture the CLI reads
+    grey = sitk.GetImageFromArray(np.arange(3 * 8 * 9, dtype=np.int16).reshape(3, 8, 9))
+    grey.SetSpacing((0.5, 0.7, 2.0))
+    sitk.WriteImage(grey, str(tmp_path / "grey.nii.gz"))
+    (vol,) = inputs.read_path(tmp_path / "grey.nii.gz")
+    assert vol.shape_kji == (3, 8, 9) and np.allclose(vol.ijk_to_ras, read_any(tmp_path / "grey.nii.gz").ijk_to_ras)
+    with pytest.raises(InputError, match="no such file or folder"):
+        inputs.read_path(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no DICOM image series"):
+        inputs.read_path(tmp_path / "empty")
+
+    series = SHARED_DATA / "ct_totalseg" / "dicom"
+    if not series.is_dir():
+        pytest.skip(f"shared test data not present: {series}")
+    uploads = [{"name": f"../{p.name}", "content": p.read_bytes()} for p in sorted(series.iterdir())]
+    uploads.append({"name": "sample.png", "content": png.read_bytes()})
+    saved = inputs.save_uploads(uploads, tmp_path / "upload")
+    assert all(p.parent == tmp_path / "upload" for p in saved)  # base names only: nothing lands outside
+    ct, pic = inputs.read_uploads(saved)
+    assert ct.modality == "CT" and ct.shape_kji == (20, 512, 512) and len(ct.source_files) == 20
+    assert pic.is_rgb

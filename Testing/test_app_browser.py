@@ -278,6 +278,7 @@ def test_ct_upload_cancel_click_undo_dicom_seg(page, tmp_path, capsys):
     page.wait_for_function("() => parseInt(document.querySelector('#ssp-progress').innerText) >= 1",
                            timeout=RUN_TIMEOUT_MS)
     live = text(page, "#ssp-progress")
+    assert re.fullmatch(r"\d+ / 12 slices · about \d+ s left", live), live  # progress and ETA while it runs
     page.click("#ssp-apply")
     wait_text(page, "#ssp-apply", "Auto-segment")
     seconds = time.monotonic() - t0
