@@ -17,5 +17,13 @@ class DownloadError(SamSelfPromptError):
     """A model download was refused, failed or did not verify."""
 
 
+class DeviceError(InputError, ValueError):
+    """The requested device (cuda, cuda:1, mps, ...) does not exist on this machine."""
+
+
+class OutOfMemoryError(SamSelfPromptError):
+    """The device ran out of memory even at the smallest batch; the message says what to change."""
+
+
 class Cancelled(SamSelfPromptError):
     """The user cancelled a running job."""

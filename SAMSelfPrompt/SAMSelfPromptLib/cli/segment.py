@@ -116,13 +116,34 @@ def options_from_args(args: argparse.Namespace, volume: Volume) -> SegmentOption
     )
 
 
+def check_output(out_path: Path, overwrite: bool) -> None:
+    """Refuse an output that cannot be written before any work, not after segmenting."""
+    if out_path.exists() and not overwrite:
+        raise OutputExistsError(f"{out_path} already exists; choose another output or pass --overwrite")
+    if out_path.is_dir():
+        raise InputError(f"{out_path} is a folder; name an output file, or pass a folder without a file suffix")
+    parent = out_path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the folders that atomic_write will create start below this one
+    if not parent.is_dir():
+        raise InputError(f"cannot write {out_path}: {parent} is a file, not a folder; choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {out_path}: no permission to write in {parent}; "
+                         "choose a folder you can write to")
+
+
 def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache: dict) -> dict:
     from ..weights.catalogue import open_segmenter
+    from ..core.predictor import resolve_axis
+    from ..core.volume import check_segmentable
 
     t0 = time.perf_counter()
-    if out_path.exists() and not args.overwrite:  # refuse before any work, not after segmenting
-        raise OutputExistsError(f"{out_path} already exists; choose another output or pass --overwrite")
+    check_output(out_path, args.overwrite)
     volume = read_any(case.path, case.series)
+    if _suffix(out_path) == ".dcm" and not volume.source_files:
+        raise InputError(f"{out_path}: a DICOM-SEG output needs a DICOM series as input ({case.path} is not "
+                         "DICOM); save as .seg.nrrd or .nii.gz instead")
+    check_segmentable(volume, resolve_axis(volume, args.axis), parse_slices(args.slices))  # before the model loads
     key = (volume.is_rgb, (volume.modality or "").upper())
     if key not in opened_cache:
         opened_cache[key] = open_segmenter(args.model, args.weights, args.checkpoint, args.device,
@@ -168,8 +189,25 @@ class _progress_bar:
             self._bar.close()
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Option values that are wrong whatever the input: refused before any reading or model loading."""
+    from ..core.preprocess import CT_WINDOWS
+
+    parse_slices(args.slices)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if args.window not in CT_WINDOWS:
+        raise InputError(f"unknown CT window '{args.window}' for --window; choose one of {', '.join(CT_WINDOWS)}")
+    if args.device not in ("auto", None):
+        from ..modeling.backbones import pick_device
+
+        pick_device(args.device)  # DeviceError: names the device that is not here
+
+
 def run(args: argparse.Namespace) -> int:
-    parse_slices(args.slices)  # a malformed --slices fails before any reading or model loading
+    check_options(args)
     if getattr(args, "threads", None):
         import torch
 
@@ -180,9 +218,20 @@ def run(args: argparse.Namespace) -> int:
         part, num_parts = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
     cases = select_part(cases, part or 0, num_parts or 1)
     output = Path(args.output)
-    many = len(find_cases(args.input, args.series)) > 1
+    all_cases = find_cases(args.input, args.series)
+    many = len(all_cases) > 1
+    if many and _suffix(output) in OUTPUT_SUFFIXES and not output.is_dir():
+        names = ", ".join(c.series or c.name for c in all_cases[:4]) + (", ..." if len(all_cases) > 4 else "")
+        raise InputError(f"{args.input} holds {len(all_cases)} cases ({names}) but {output} names one file; "
+                         "give an output folder, or pick one series with --series ID "
+                         f"(`samselfprompt series {args.input}` lists them)")
     if many:
-        output.mkdir(parents=True, exist_ok=True)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from ..io.files import write_failure
+
+            raise write_failure(output, exc, "cannot create the output folder") from exc
     failures = 0
     opened: dict = {}
     for case in cases:

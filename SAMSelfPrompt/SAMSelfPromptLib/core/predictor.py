@@ -14,14 +14,16 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, OutOfMemoryError
 from ..modeling.traced_encoder import encoder_for
-from .volume import Volume
-from ..modeling.backbones import SamBackbone, autocast_for, pick_device
+from ..modeling.fast_encoder import fast_encoder
+from .volume import Volume, check_segmentable, finite_slice
+from ..modeling.backbones import SamBackbone, autocast_for, pick_device, resolve_precision
 from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
 from .selfprompt import box_prompt, refine, self_prompt
 from .masks import mask_box
 from .orientation import SliceStack
+from .skipping import DEFAULT_STEP, coarse, next_wave, outside_body
 
 AXIS_NAMES = {"K": 0, "J": 1, "I": 2}
 # Which RAS axis a named anatomical plane's slices are stacked along.
@@ -74,6 +76,10 @@ class SegmentOptions:
     propagate: bool = False  # carry the previous slice's box to the next (LiteMedSAM-style)
     min_area: int = 10  # propagation stops when a slice's mask is smaller than this (pixels)
     cleanup_3d: bool = False  # keep the largest 3D connected component at the end
+    # Encode only slices that can hold the target (trained SAM-SP, self-prompting): air and constant
+    # slices are skipped, the rest run coarse to fine, every coarse_step-th first (core/skipping.py).
+    skip_slices: bool = True
+    coarse_step: int = DEFAULT_STEP
 
 
 @dataclass
@@ -134,8 +140,11 @@ class Segmenter:
     """A warm model on its device plus an embedding cache; segments volumes slice by slice."""
 
     def __init__(self, model: SamBackbone, device: str | torch.device | None = None, metadata: dict | None = None,
-                 refiner: SamBackbone | None = None):
+                 refiner: SamBackbone | None = None, precision: str | None = None):
         self.device = pick_device(str(device) if device is not None else None)
+        # The encoder's precision: "auto" (bf16 on GPUs and on CPUs with native bf16, else fp32),
+        # or fp32/bf16/fp16; $SAMSELFPROMPT_PRECISION overrides auto for every host.
+        self.precision = resolve_precision(self.device, precision)
         self.model = model.to(self.device).eval()
         # An optional click-trained SAM-SP model for refine_slice. It must share the image encoder
         # (same frozen base, no LoRA), so the cached embeddings serve both models.
@@ -150,6 +159,10 @@ class Segmenter:
         # where the Python-level tracing would hold the GIL against the UI for those seconds.
         self.trace_encoder = False
         self._traced_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._fast_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Set when the device ran out of memory: the most slices encoded at once from then on.
+        self.max_encode_batch: int | None = None
+        self.oom_retries = 0
 
     @property
     def trained(self) -> bool:
@@ -164,11 +177,23 @@ class Segmenter:
         return options
 
     def _encoder(self, n_slices: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The encoder at this Segmenter's precision; each callable sets its own autocast."""
+        if self.device.type == "cpu" and self.precision != "fp32":
+            if self._fast_encode is None:  # folded bf16 copy: no tracing, pays from the first slice
+                self._fast_encode = fast_encoder(self.model, self.precision)
+            return self._fast_encode
         if self._traced_encode is None and self.trace_encoder:
             encode = encoder_for(self.model, n_slices)
             if encode != self.model.encode:
                 self._traced_encode = encode  # the model never trains inside a Segmenter
-        return self._traced_encode or self.model.encode
+        plain = self._traced_encode or self.model.encode
+        device, precision = self.device, self.precision
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with autocast_for(device, precision):
+                return plain(images)
+
+        return encode
 
     # --- intensity and inputs -------------------------------------------------------------
     def intensity_for(self, volume: Volume, options: SegmentOptions) -> Intensity:
@@ -182,8 +207,39 @@ class Segmenter:
             return Intensity.from_dict(trained)
         return guessed
 
-    def _slice_input(self, stack: SliceStack, k: int, intensity: Intensity) -> tuple[torch.Tensor, Frame]:
-        return to_model_input(normalize_slice(stack.pixels[k], intensity), self.model.image_size)
+    def _slice_input(self, stack: SliceStack, k: int, intensity: Intensity, name: str = "volume"
+                     ) -> tuple[torch.Tensor, Frame]:
+        pixels = finite_slice(stack.pixels[k], name, k)  # a NaN slice ends the run here, whole slices before it
+        return to_model_input(normalize_slice(pixels, intensity), self.model.image_size)
+
+    def _encode(self, encode: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        """Encode ``batch``, splitting it when the device runs out of memory.
+
+        On an out-of-memory error the sub-batch is halved (down to one slice) and the cap is kept
+        for the rest of this Segmenter's life, so later batches do not fail again; at one slice
+        the error becomes an OutOfMemoryError that says what to change.
+        """
+        out = []
+        start = 0
+        while start < len(batch):
+            size = min(self.max_encode_batch or len(batch), len(batch) - start)
+            try:
+                with torch.no_grad(), autocast_for(self.device):
+                    out.append(encode(batch[start:start + size]).float())
+                start += size
+            except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
+                if not _is_out_of_memory(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if size == 1:
+                    todo = ("free memory (close other programs) and run again" if self.device.type == "cpu" else
+                            "free its memory (close other programs using it), or run on the CPU (--device cpu)")
+                    raise OutOfMemoryError(f"out of memory on {self.device} encoding even one slice at a time "
+                                           f"(--batch-size 1); {todo}{_oom_detail(exc)}") from None
+                self.max_encode_batch = max(1, size // 2)
+                self.oom_retries += 1
+        return torch.cat(out)
 
     def embeddings(
         self, volume: Volume, stack: SliceStack, indices: Sequence[int], intensity: Intensity, batch_size: int = 4,
@@ -201,10 +257,9 @@ class Segmenter:
             cached = [self.cache.get(key) for key in keys]
             todo = [i for i, c in enumerate(cached) if c is None]
             if todo:
-                inputs = [self._slice_input(stack, chunk[i], intensity) for i in todo]
+                inputs = [self._slice_input(stack, chunk[i], intensity, volume.name) for i in todo]
                 batch = torch.stack([x for x, _ in inputs]).to(self.device)
-                with torch.no_grad(), autocast_for(self.device):
-                    emb = encode(batch).float()
+                emb = self._encode(encode, batch)
                 self.encoder_calls += len(todo)
                 for j, i in enumerate(todo):
                     self.cache.put(keys[i], emb[j], inputs[j][1])
@@ -228,6 +283,9 @@ class Segmenter:
         start, stop = options.slice_range or (0, n)
         if not (0 <= start < stop <= n):
             raise InputError(f"slice range [{start}, {stop}) is outside the volume's {n} slices along axis {axis}")
+        if int(options.batch_size) < 1:
+            raise InputError(f"batch size must be at least 1 (got {options.batch_size}); use --batch-size 1 or more")
+        check_segmentable(volume, axis, (start, stop))
         indices = list(range(start, stop))
         intensity = self.intensity_for(volume, options)
         boxes = None if options.boxes is None else {k: stack.box_in(b) for k, b in options.boxes.items()}
@@ -245,8 +303,34 @@ class Segmenter:
             # Expert boxes: a slice without one is empty by definition, so it is never encoded.
             yield from (_empty(k, stack) for k in indices if k not in boxes)
             indices = [k for k in indices if k in boxes]
+        elif options.skip_slices and options.empty_y0 == "skip" and len(indices) > 1:
+            yield from self._coarse_to_fine(volume, stack, indices, intensity, options, cancel)
+            return
         for chunk, embs, frames in self.embeddings(volume, stack, indices, intensity, options.batch_size, cancel):
             yield from self._decode(embs, chunk, frames, options.empty_y0, boxes, stack)
+
+    def _coarse_to_fine(self, volume, stack, indices, intensity, options, cancel) -> Iterator[SliceResult]:
+        """Skip air, then segment every coarse_step-th slice and grow around the hits (core/skipping.py).
+
+        Results come in wave order, not slice order; each slice exactly once."""
+        body = []
+        for k in indices:
+            if outside_body(stack.pixels[k], intensity):
+                yield _empty(k, stack)
+            else:
+                body.append(k)
+        step = max(1, int(options.coarse_step))
+        wave, done = coarse(body, step), set()
+        while wave:
+            found = []
+            for chunk, embs, frames in self.embeddings(volume, stack, wave, intensity, options.batch_size, cancel):
+                for r in self._decode(embs, chunk, frames, options.empty_y0, None, stack):
+                    done.add(r.index)
+                    if r.box_source != "none":
+                        found.append(r.index)
+                    yield r
+            wave = next_wave(body, found, done, step)
+        yield from (_empty(k, stack) for k in body if k not in done)
 
     def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], empty_y0: str,
                 boxes: dict[int, np.ndarray] | None, stack: SliceStack) -> list[SliceResult]:
@@ -351,6 +435,19 @@ class Segmenter:
             logits, iou = refine(self.refiner or self.model, embs, box, prev_logits, coords, labels)
         src = previous.box_source if previous is not None else "none"
         return _stored(_result(k, logits[0], frame, prev_box, src, iou), stack)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS out of memory, or the CPU allocator failing (torch's or numpy's)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return "out of memory" in text or "can't allocate memory" in text or "Cannot allocate memory" in text
+
+
+def _oom_detail(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return f" ({first})" if first else ""
 
 
 def _result(k: int, low_res: torch.Tensor, frame: Frame, box, source: str, iou: torch.Tensor) -> SliceResult:

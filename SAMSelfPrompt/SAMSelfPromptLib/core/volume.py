@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,3 +76,66 @@ def validate_array(array: np.ndarray, name: str = "volume") -> None:
         raise InputError(f"{name}: the volume is empty (shape {array.shape})")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise InputError(f"{name}: voxel type {array.dtype} is not numeric")
+
+
+# Slice sides SAM-SP can segment. Below the minimum a slice holds no image to speak of (the model
+# would see one pixel blown up to its input size); above the maximum a reader must refuse before
+# allocating (a 20000 x 20000 picture is 1.2 GB of RGB, and every model input is 1024 px or less).
+MIN_SLICE_SIDE = 8
+MAX_SLICE_SIDE = 16384
+AXIS_LABELS = ("K (axial for most scans)", "J", "I")
+
+
+def slice_plane(shape: tuple[int, ...], axis: int, rgb: bool = False) -> tuple[int, int]:
+    """(rows, columns) of the slices taken along array ``axis`` of a [K, J, I](, 3) shape."""
+    if rgb:
+        return int(shape[1]), int(shape[2])
+    rows, cols = (int(s) for a, s in enumerate(shape[:3]) if a != axis)
+    return rows, cols
+
+
+def check_image_size(rows: int, cols: int, name: str) -> None:
+    """Refuse a slice larger than MAX_SLICE_SIDE; readers call it with header values, before allocating."""
+    if max(rows, cols) > MAX_SLICE_SIDE:
+        raise InputError(f"{name}: the image is {cols} x {rows} pixels, larger than the {MAX_SLICE_SIDE}-pixel "
+                         "limit per side; downsample or crop it first (SAM-SP works at 1024 px or less)")
+
+
+def check_segmentable(volume: Volume, axis: int, slice_range: tuple[int, int] | None = None) -> None:
+    """What makes a valid volume unsegmentable, said before any model work: slices too small or too
+    large, or nothing but one value in the slices asked for. (NaN/Inf are refused per slice, as the
+    engine reaches them: ``finite_slice``.)"""
+    n = 1 if volume.is_rgb else int(volume.array.shape[axis])
+    if slice_range is not None and not (0 <= slice_range[0] < slice_range[1] <= n):
+        raise InputError(f"slice range [{slice_range[0]}, {slice_range[1]}) is outside the volume's {n} slices "
+                         f"along axis {axis}")
+    rows, cols = slice_plane(volume.array.shape, axis, volume.is_rgb)
+    check_image_size(rows, cols, volume.name)
+    if min(rows, cols) < MIN_SLICE_SIDE:
+        better = [a for a in range(3) if a != axis and min(slice_plane(volume.array.shape, a)) >= MIN_SLICE_SIDE]
+        hint = (f"; segment along axis {AXIS_LABELS[better[0]]} instead" if better and not volume.is_rgb
+                else "; it is too small to be an image to segment")
+        raise InputError(f"{volume.name}: its slices along axis {AXIS_LABELS[axis]} are {rows} x {cols} pixels, "
+                         f"fewer than the {MIN_SLICE_SIDE} x {MIN_SLICE_SIDE} SAM-SP needs{hint}")
+    sub = volume.array
+    if slice_range is not None and not volume.is_rgb:
+        index: list[slice] = [slice(None)] * 3
+        index[axis] = slice(*slice_range)
+        sub = sub[tuple(index)]  # a view
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: left to finite_slice's message
+        lo, hi = float(np.nanmin(sub)), float(np.nanmax(sub))
+    if lo == hi:
+        where = "every voxel" if slice_range is None else f"every voxel of slices {slice_range[0]}..{slice_range[1] - 1}"
+        raise InputError(f"{volume.name}: {where} has the same value ({lo:g}), so there is nothing to segment; "
+                         "check that the right volume (or series, or window) is selected")
+
+
+def finite_slice(pixels: np.ndarray, name: str, k: int) -> np.ndarray:
+    """``pixels`` unchanged, or InputError when the slice holds NaN or infinite values."""
+    if np.issubdtype(pixels.dtype, np.floating):
+        bad = int(np.size(pixels) - np.count_nonzero(np.isfinite(pixels)))
+        if bad:
+            raise InputError(f"{name}: slice {k} has {bad} NaN or infinite voxel(s), which cannot be windowed; "
+                             "replace them (e.g. with the minimum value) and run again")
+    return pixels

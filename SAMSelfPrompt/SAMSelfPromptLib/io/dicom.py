@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from ..errors import InputError
-from ..core.volume import Volume
+from ..core.volume import Volume, check_image_size
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # A gap this many times the median slice step means slices are missing.
@@ -58,14 +58,28 @@ def _sop_class(ds: Dataset) -> str:
     return sop
 
 
+class _Broken(Exception):
+    """A file with a DICOM preamble that cannot be read as the image it says it is."""
+
+
 def _read_header(path: Path) -> Dataset | None:
-    """The header, with large values (pixel data) deferred so that we can still see whether it is there."""
+    """The header, with large values (pixel data) deferred so that we can still see whether it is there.
+
+    None for a file that is not DICOM at all; ``_Broken`` for a DICOM file that is truncated or
+    corrupt (pydicom reads a file cut inside its pixel data as an empty dataset, so an image
+    storage class in the file meta with no image attributes is treated as broken too).
+    """
     try:
-        return pydicom.dcmread(path, defer_size=1024)
+        ds = pydicom.dcmread(path, defer_size=1024)
     except InvalidDicomError:
         return None  # no DICM preamble: not DICOM
-    except Exception:  # noqa: BLE001 - a truncated or corrupt file is skipped like any non-DICOM file
-        return None
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file
+        raise _Broken(str(path)) from exc
+    meta_sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "") if getattr(ds, "file_meta", None) else ""
+    if "Image Storage" in (pydicom.uid.UID(meta_sop).name if meta_sop else "") and not (
+            "Rows" in ds and any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))):
+        raise _Broken(str(path))
+    return ds
 
 
 def _is_image(ds: Dataset) -> bool:
@@ -73,15 +87,21 @@ def _is_image(ds: Dataset) -> bool:
     return has_pixels and _sop_class(ds) not in NON_IMAGE_SOP_CLASSES and "Rows" in ds
 
 
-def _scan(folder: str | os.PathLike) -> tuple[list[DicomSeries], list[tuple[str, str]]]:
-    """Image series in ``folder`` (largest first) and the non-image DICOM files (path, kind) seen."""
+def _scan(folder: str | os.PathLike) -> tuple[list[DicomSeries], list[tuple[str, str]], list[str]]:
+    """Image series in ``folder`` (largest first), the non-image DICOM files (path, kind) seen, and
+    the DICOM files that are truncated or corrupt."""
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"DICOM folder not found: {root}")
     groups: dict[str, DicomSeries] = {}
     non_image: list[tuple[str, str]] = []
+    broken: list[str] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        ds = _read_header(path)
+        try:
+            ds = _read_header(path)
+        except _Broken:
+            broken.append(str(path))
+            continue
         if ds is None or not ("SOPClassUID" in ds or "Modality" in ds or "PixelData" in ds):
             continue  # not DICOM (README, DICOMDIR-less junk, thumbnails)
         if "DirectoryRecordSequence" in ds:
@@ -105,7 +125,7 @@ def _scan(folder: str | os.PathLike) -> tuple[list[DicomSeries], list[tuple[str,
     found = sorted(groups.values(), key=lambda s: (-s.num_files, s.id))
     for n, s in enumerate((s for s in found if not s.uid), start=1):
         s.id = f"unnamed-{n}"
-    return found, non_image
+    return found, non_image, broken
 
 
 def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
@@ -113,21 +133,31 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
     return [s.summary() for s in _scan(folder)[0]]
 
 
+def _broken_error(where: str, broken: list[str]) -> InputError:
+    return InputError(f"{where}: {len(broken)} DICOM file(s) are truncated or corrupt (e.g. {broken[0]}); "
+                      "re-export or copy the series again")
+
+
 def _select(folder: str | os.PathLike, series_uid: str | None) -> DicomSeries:
-    found, non_image = _scan(folder)
+    found, non_image, broken = _scan(folder)
+    if not found and broken:
+        raise _broken_error(str(folder), broken)
     if not found:
         if non_image:
             kinds = sorted({k for _, k in non_image})
             raise InputError(f"{folder}: contains only non-image DICOM ({len(non_image)} files: {', '.join(kinds)}); "
                              "select a folder with an image series (CT, MR, ...)")
         raise InputError(f"{folder}: no DICOM files found (empty folder or no readable DICOM)")
-    if series_uid is None:
-        return found[0]
-    for s in found:
-        if series_uid in (s.id, s.uid):
-            return s
-    listing = "; ".join(f"{s.id} ({s.modality} '{s.description}', {s.num_files} files)" for s in found)
-    raise InputError(f"{folder}: series '{series_uid}' not found. Available series: {listing}")
+    series = found[0] if series_uid is None else next((s for s in found if series_uid in (s.id, s.uid)), None)
+    if series is None:
+        listing = "; ".join(f"{s.id} ({s.modality} '{s.description}', {s.num_files} files)" for s in found)
+        raise InputError(f"{folder}: series '{series_uid}' not found. Available series: {listing}")
+    # A broken file beside the series may be one of its slices (a truncated file reads as an empty
+    # dataset, so its series is unknown): a volume silently one slice short is worse than a refusal.
+    mine = [b for b in broken if str(Path(b).parent) in series.folders]
+    if mine:
+        raise _broken_error(series.id or "series", mine)
+    return series
 
 
 def _check_stackable(series: DicomSeries) -> None:
@@ -144,7 +174,10 @@ def _check_stackable(series: DicomSeries) -> None:
         values = {int(h.get(attr, 1)) for h in series.headers}
         if len(values) > 1:
             raise InputError(f"{name}: mixed {attr} {sorted(values)} within one series; the images cannot be "
-                             "stacked into a volume (it mixes several series or scouts)")
+                             "stacked into a volume (it mixes several series or scouts); "
+                             "put each series in its own folder")
+    h0 = series.headers[0]
+    check_image_size(int(h0.get("Rows", 0)), int(h0.get("Columns", 0)), name)  # before any pixel is decoded
     if series.num_files > 1 and any("ImagePositionPatient" not in h for h in series.headers):
         raise InputError(f"{name}: {series.num_files} images without ImagePositionPatient (e.g. screenshots or "
                          "secondary captures); their slice order is unknown, so they cannot form a volume")
@@ -152,7 +185,8 @@ def _check_stackable(series: DicomSeries) -> None:
         values = {tuple(np.round(np.asarray(h.get(attr, []), float), 4)) for h in series.headers}
         if len(values) > 1:
             raise InputError(f"{name}: mixed {attr} within one series ({len(values)} different values); "
-                             "the images cannot be stacked into a volume")
+                             "the images cannot be stacked into a volume (it mixes several series, e.g. a "
+                             "reformat); put each series in its own folder")
 
 
 def _slice_geometry(series: DicomSeries) -> tuple[list[int], np.ndarray]:
@@ -179,6 +213,10 @@ def _slice_geometry(series: DicomSeries) -> tuple[list[int], np.ndarray]:
     median = float(np.median(gaps))
     if median < 1e-4 or gaps.min() < 1e-4:
         dupes = sorted({round(float(d), 3) for d, g in zip(depth_sorted[1:], gaps) if g < 1e-4})
+        if len(depth) - len(np.unique(np.round(depth, 3))) == 1:  # one extra image: a copied file
+            pair = [Path(series.files[i]).name for i in order if abs(depth[i] - dupes[0]) < 1e-3][:2]
+            raise InputError(f"{name}: two images share the slice position {dupes[0]} mm ({' and '.join(pair)}); "
+                             "remove the duplicate file and run again")
         raise InputError(f"{name}: several images share a slice position (e.g. {dupes[:5]} mm along the normal); "
                          "this looks like a 4D / multi-phase or multi-echo series, which is not supported; "
                          "split it into one series per time point")
@@ -196,21 +234,51 @@ def _slice_geometry(series: DicomSeries) -> tuple[list[int], np.ndarray]:
     return order, ijk_to_lps
 
 
+# The Python package that decodes each compressed transfer syntax for pydicom (the message names it).
+DECODER_PACKAGES = {
+    **dict.fromkeys(("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                     "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"), "pylibjpeg-openjpeg"),
+    **dict.fromkeys(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                     "1.2.840.10008.1.2.4.70"), "pylibjpeg-libjpeg"),
+    **dict.fromkeys(("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"), "pyjpegls"),
+}
+
+PIP_NAMES = {"pylibjpeg-openjpeg": "pylibjpeg pylibjpeg-openjpeg", "pylibjpeg-libjpeg": "pylibjpeg pylibjpeg-libjpeg"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else exc.__class__.__name__)[:200]
+
+
 def _pixels(path: str) -> tuple[np.ndarray, bool]:
     """Decoded pixels of one file and whether they are already rescaled.
 
     pydicom (with pylibjpeg/OpenJPEG, JPEG-LS and Pillow) is the first choice; SimpleITK's GDCM is the
     fallback for transfer syntaxes those plugins miss. GDCM applies Rescale Slope/Intercept itself.
+    When neither decodes the file, the message names the package that would (one line).
     """
     try:
-        return pydicom.dcmread(path).pixel_array, False
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - a file that changed or broke after the header scan
+        raise InputError(f"{path}: the DICOM file is truncated or corrupt ({_first_line(exc)}); "
+                         "re-export or copy the series again") from exc
+    try:
+        return ds.pixel_array, False
     except Exception as first:  # noqa: BLE001 - any decoder failure falls through to GDCM
         try:
             import SimpleITK as sitk
 
             return sitk.GetArrayFromImage(sitk.ReadImage(path))[0], True
-        except Exception as second:  # noqa: BLE001
-            raise InputError(f"{path}: cannot decode the pixel data ({first}; GDCM: {second})") from second
+        except Exception:  # noqa: BLE001
+            pass
+        syntax = ds.file_meta.get("TransferSyntaxUID", "") if getattr(ds, "file_meta", None) is not None else ""
+        package = DECODER_PACKAGES.get(str(syntax))
+        if package and "missing" in str(first).lower():
+            raise InputError(f"{path}: no decoder for its {pydicom.uid.UID(str(syntax)).name} pixel data is installed; "
+                             f"install the Python package {package} (pip install {PIP_NAMES.get(package, package)})") from None
+        raise InputError(f"{path}: cannot decode the pixel data ({_first_line(first)}); the file may be corrupt, "
+                         "re-export the series") from None
 
 
 def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:

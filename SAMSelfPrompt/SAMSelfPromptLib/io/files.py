@@ -5,6 +5,7 @@ final rename) goes through ``atomic_write``: the file appears complete or not at
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -16,6 +17,30 @@ from ..errors import SamSelfPromptError
 
 class OutputExistsError(SamSelfPromptError, FileExistsError):
     """The output file exists and overwriting was not requested."""
+
+
+class OutputWriteError(SamSelfPromptError, OSError):
+    """The output could not be written (disk full, no permission, read-only); nothing partial is left."""
+
+
+# What an OS error while writing means for the user, and what to do about it.
+_WRITE_REASONS = {
+    errno.ENOSPC: "the disk is full; free some space or choose another folder",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or choose another folder",
+    errno.EFBIG: "the file is larger than this file system (or a limit) allows; choose another folder",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+    errno.EPERM: "permission denied; choose a folder you can write to",
+    errno.EROFS: "the file system is read-only; choose a folder you can write to",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another output path",
+    errno.EEXIST: "a part of the path is a file, not a folder; choose another output path",
+    errno.ENAMETOOLONG: "the file name is too long; choose a shorter one",
+}
+
+
+def write_failure(out: Path, exc: OSError, what: str = "could not write", tail: str = "") -> OutputWriteError:
+    """One line for the user: which file, what went wrong and what to do."""
+    reason = _WRITE_REASONS.get(exc.errno or 0) or f"{exc.strerror or exc}; choose another output path"
+    return OutputWriteError(f"{what} {out}: {reason} ({exc.strerror or exc.__class__.__name__}){tail}")
 
 
 def cache_dir() -> Path:
@@ -51,8 +76,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     out = Path(path)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; choose another name or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=full_suffix(out))
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=full_suffix(out))
+    except OSError as exc:
+        raise write_failure(out, exc, "cannot write") from exc
     os.close(fd)
     try:
         write(tmp)
@@ -61,6 +90,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
         os.umask(umask)
         os.chmod(tmp, out.stat().st_mode & 0o777 if out.exists() else 0o666 & ~umask)
         os.replace(tmp, out)
+    except SamSelfPromptError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    except OSError as exc:  # a full disk, a quota, a file-size limit: a message, and no partial file
+        Path(tmp).unlink(missing_ok=True)
+        tail = "; nothing was written" + ("; the existing file is unchanged" if existed else "")
+        raise write_failure(out, exc, tail=tail) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

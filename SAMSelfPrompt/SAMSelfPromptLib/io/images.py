@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from ..core.volume import Volume
+from ..core.volume import MAX_SLICE_SIDE, Volume, check_image_size
 from .dicom import LPS_TO_RAS, read_dicom_series
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -36,18 +37,28 @@ def itk_geometry_to_ras(spacing, direction, origin, dim: int = 3) -> np.ndarray:
 def _read_itk(path: Path) -> Volume:
     import SimpleITK as sitk
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()  # the header only: sizes are checked before any voxel is allocated
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot read the image ({str(exc).strip().splitlines()[-1]})") from exc
-    dim, comps = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
-    if dim == 4 or (dim == 3 and image.GetSize()[2] > 1 and comps > 1):
-        raise InputError(f"{path}: 4D / multi-component volume (size {image.GetSize()}, {comps} components) is not "
+    size, dim, comps = reader.GetSize(), reader.GetDimension(), reader.GetNumberOfComponents()
+    if dim == 3 and size[2] > 1 and comps == 3:
+        raise InputError(f"{path}: a colour (RGB) volume of {size[2]} slices is not supported; only single colour "
+                         "pictures are; convert it to grey scale or extract one slice first")
+    if dim == 4 or (dim == 3 and size[2] > 1 and comps > 1):
+        raise InputError(f"{path}: 4D / multi-component volume (size {size}, {comps} components) is not "
                          "supported; extract a single 3D frame first")
     if dim not in (2, 3):
         raise InputError(f"{path}: {dim}D image is not supported")
     if comps not in (1, 3):
         raise InputError(f"{path}: {comps}-component pixels are not supported (expected grayscale or RGB)")
+    check_image_size(int(size[1]), int(size[0]), str(path))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{path}: cannot read the image ({str(exc).strip().splitlines()[-1]})") from exc
     array = sitk.GetArrayFromImage(image)  # [k, j, i] (+ components), the arrayFromVolume order
     if dim == 2:
         array = array[np.newaxis]
@@ -63,6 +74,7 @@ def _read_picture(path: Path) -> Volume:
 
     try:
         with Image.open(path) as img:
+            check_image_size(img.height, img.width, str(path))  # from the header: nothing decoded yet
             if getattr(img, "n_frames", 1) > 1:
                 raise InputError(f"{path}: multi-page image ({img.n_frames} pages) is not supported")
             mode = img.mode
@@ -72,6 +84,10 @@ def _read_picture(path: Path) -> Volume:
                 array = np.asarray(img.convert("L"), dtype=np.uint8)
             else:  # L, I;16, I, F keep their depth
                 array = np.asarray(img)
+    except Image.DecompressionBombError as exc:  # PIL refuses huge headers itself, before we see the size
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise InputError(f"{path}: the image is too large ({pixels.group(1) if pixels else 'too many'} pixels; at most "
+                         f"{MAX_SLICE_SIDE} per side); downsample or crop it first") from None
     except (OSError, SyntaxError) as exc:
         raise InputError(f"{path}: cannot read the image ({exc})") from exc
     # Slicer loads a picture through ITK: spacing 1, origin 0, identity LPS direction, i.e. RAS diag(-1,-1,1).

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from .dicom import LPS_TO_RAS
-from .files import atomic_write, full_suffix
+from .files import OutputWriteError, atomic_write, full_suffix
 from .labelmap import check_labelmap, color01, complete_segments
 
 RAS_TO_LPS = LPS_TO_RAS  # the flip is its own inverse
@@ -65,7 +65,22 @@ def write_nifti_labelmap(path: str | os.PathLike, labelmap: np.ndarray, ijk_to_r
 
     labelmap, m = check_labelmap(labelmap, ijk_to_ras)
     image = _itk_image(labelmap, m)
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True), overwrite)
+
+    def write(tmp: str) -> None:
+        # ITK does not report a short write (a full disk, a file-size limit): it leaves a truncated
+        # file that may even read back as zeros. Read the file back and compare before it is kept.
+        try:
+            sitk.WriteImage(image, tmp, useCompression=True)
+            written = sitk.ReadImage(tmp)  # kept alive while its array view is compared
+            ok = np.array_equal(sitk.GetArrayViewFromImage(written), labelmap)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise OutputWriteError(f"could not write {path}: the file came out incomplete (is the disk full, or a "
+                                   "file-size limit reached?); free some space or choose another folder; "
+                                   "nothing was written")
+
+    return atomic_write(path, write, overwrite)
 
 
 def write_labelmap(path: str | os.PathLike, labelmap: np.ndarray, ijk_to_ras: np.ndarray,

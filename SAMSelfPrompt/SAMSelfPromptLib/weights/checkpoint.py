@@ -59,7 +59,10 @@ def load_samsp(path: str | Path, base_weights: str | Path | None = None) -> tupl
         from .download import cached_weights  # a file the user already agreed to download
 
         base_weights = cached_weights(payload["base_model"])
-    model = build_model(payload["base_model"], base_weights)
+    try:
+        model = build_model(payload["base_model"], base_weights)
+    except CheckpointError as exc:  # say which checkpoint needs which base, not only what the base needs
+        raise CheckpointError(f"{path} is a SAM-SP checkpoint for base model {payload['base_model']}: {exc}") from None
     lora = meta.get("lora")
     if lora:
         from ..modeling.lora import add_lora
