@@ -262,10 +262,14 @@ class SAMSelfPromptWebApp(TrameApp):
     def clear_points(self) -> None:
         self._guard(self.controller.clear_points)
 
-    async def upload(self, files: list[dict]) -> None:
+    def load_sample_button(self) -> None:
+        self._guard(self.load_sample)
+
+    def upload(self, files: list[dict]) -> None:
+        """Files the browser sent: kept for the app's lifetime (a DICOM-SEG export reads its series)."""
         self._uploads += 1
         folder = Path(self.work_dir.name) / f"upload-{self._uploads}"
-        self._add_volumes(lambda: inputs.read_uploads(inputs.save_uploads(files or [], folder)))
+        self._guard(lambda: self._add_volumes(lambda: inputs.read_uploads(inputs.save_uploads(files or [], folder))))
 
     def export_file(self) -> dict[str, Any] | None:
         """The export the browser downloads: {name, mime, data} (data is a binary attachment)."""
@@ -352,7 +356,7 @@ class SAMSelfPromptWebApp(TrameApp):
                     style="max-width: 48px;", change=(self.upload, "[$event.target.files]"), **dense,
                 )
                 v3.VBtn("Sample", id="ssp-sample", prepend_icon="mdi-image", variant="text", classes="ml-2",
-                        click=self.load_sample)
+                        click=self.load_sample_button)
                 v3.VSelect(v_model=("ssp_layout",), items=("ssp_layouts",), style="max-width: 170px;",
                            classes="mx-2", **dense)
                 v3.VProgressCircular(indeterminate=("!!trame__busy",), size=16, width=3, classes="mr-3")
