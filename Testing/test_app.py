@@ -43,15 +43,10 @@ def test_app_help_names_the_default_host():
 
 @pytest.fixture(scope="module")
 def slicer_app():
-    """trame-slicer's own application (scene, logics) with one offscreen axial view, no server."""
+    """trame-slicer's own application (scene, logics), no server and no view."""
     from trame_slicer.core import SlicerApp
-    from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
 
-    app = SlicerApp()
-    app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
-    view = app.view_manager.create_view(ViewLayoutDefinition.axial_view())
-    view.render_window().SetSize(256, 192)
-    return app, view
+    return SlicerApp()
 
 
 def sample_node(app):
@@ -64,46 +59,67 @@ def sample_node(app):
     return node, truth
 
 
-def test_a_segment_written_slice_by_slice_is_drawn_in_the_slice_view(slicer_app):
+# Run in a child process: the offscreen view loads Mesa's LLVM, and importing torch's triton into the
+# same process afterwards crashes it (as the rest of the suite would).
+RENDER_CHECK = """
+import json
+import numpy as np
+from trame_slicer.core import SlicerApp
+from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
+from vtkmodules.util.numpy_support import vtk_to_numpy
+from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
+from SAMSelfPromptLib.app.inputs import sample_volume
+from SAMSelfPromptLib.slicer import mrml
+from SAMSelfPromptLib.slicer.volumes import add_volume
+
+app = SlicerApp()
+app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+view = app.view_manager.create_view(ViewLayoutDefinition.axial_view())
+view.render_window().SetSize(256, 192)
+volume, truth = sample_volume()
+node = add_volume(app.scene, volume)
+app.display_manager.show_volume_in_slice_background(node)
+app.display_manager.reset_views()
+
+def pixels():
+    view.render()
+    grab = vtkWindowToImageFilter()
+    grab.SetInput(view.render_window())
+    grab.Update()
+    image = grab.GetOutput()
+    w, h, _ = image.GetDimensions()
+    return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3].astype(int)
+
+before = pixels()
+seg = mrml.new_segmentation_for(node)
+sid = mrml.output_segment(seg, "SAM-SP")
+mrml.write_slice(seg, sid, node, 0, 0, truth)
+after = pixels()
+print(json.dumps({"changed": float((np.abs(after - before).sum(axis=2) > 30).mean()),
+                  "picture": float((before.sum(axis=2) > 0).mean()), "lesion": float(truth.mean())}))
+"""
+
+
+def test_a_segment_written_slice_by_slice_is_drawn_in_the_slice_view():
     """``mrml.write_slice`` (the Logic's live write) must make the 2D displayable manager redraw."""
-    from vtkmodules.util.numpy_support import vtk_to_numpy
-    from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
+    import json
 
-    from SAMSelfPromptLib.slicer import mrml
-
-    app, view = slicer_app
-    node, truth = sample_node(app)
-    app.display_manager.show_volume_in_slice_background(node)
-    app.display_manager.reset_views()
-
-    def pixels():
-        view.render()
-        grab = vtkWindowToImageFilter()
-        grab.SetInput(view.render_window())
-        grab.Update()
-        image = grab.GetOutput()
-        w, h, _ = image.GetDimensions()
-        return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3].astype(int)
-
-    before = pixels()
-    seg = mrml.new_segmentation_for(node)
-    sid = mrml.output_segment(seg, "SAM-SP")
-    mrml.write_slice(seg, sid, node, 0, 0, truth)
-    after = pixels()
-    changed = np.abs(after - before).sum(axis=2) > 30
-    # The fill covers the lesion's share of the view (the picture fills part of the view only).
-    assert changed.mean() > 0.5 * truth.mean() * (before.sum(axis=2) > 0).mean(), changed.mean()
+    result = subprocess.run([sys.executable, "-c", RENDER_CHECK], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    # The fill covers the lesion's share of the picture's part of the view.
+    assert seen["changed"] > 0.5 * seen["lesion"] * seen["picture"], seen
 
 
 def test_exports_follow_the_input(slicer_app, tmp_path):
     import SimpleITK as sitk
+    import slicerio
 
     from SAMSelfPromptLib.app import export
     from SAMSelfPromptLib.errors import InputError
     from SAMSelfPromptLib.slicer import mrml
 
-    app, _ = slicer_app
-    node, truth = sample_node(app)
+    node, truth = sample_node(slicer_app)
     assert export.formats_for(None) == ["seg.nrrd", "nifti"]
     assert export.formats_for(["a.dcm"]) == ["seg.nrrd", "nifti", "dicom-seg"]
     seg = mrml.new_segmentation_for(node)
@@ -116,11 +132,15 @@ def test_exports_follow_the_input(slicer_app, tmp_path):
     with pytest.raises(InputError, match="was not loaded from DICOM"):
         export.export_segmentation(seg, node, "dicom-seg", tmp_path)
     path = export.export_segmentation(seg, node, "nifti", tmp_path, segment_id=first)
-    assert path.name == "Sample_dermoscopy_SAM-SP.nii.gz" or path.name.endswith("_SAM-SP.nii.gz")
+    assert path.name == export.file_name(f"{node.GetName()} SAM-SP", "nifti")
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    assert np.array_equal(array[0] > 0, truth)  # the one segment asked for, on the picture's grid
+    assert np.array_equal(array[0], truth.astype(np.uint8))  # the one segment asked for, as label 1
+    path = export.export_segmentation(seg, node, "nifti", tmp_path)  # default: the last one written
+    assert path.name == export.file_name(f"{node.GetName()} SAM-SP (2)", "nifti")
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0], (~truth).astype(np.uint8))
     path = export.export_segmentation(seg, node, "seg.nrrd", tmp_path)
-    assert path.name.endswith(".seg.nrrd") and path.stat().st_size > 0
+    segmentation = slicerio.read_segmentation(str(path))
+    assert [s["name"] for s in segmentation["segments"]] == ["SAM-SP", "SAM-SP (2)"]  # overlapping, both kept
 
 
 def test_the_screenshot_is_small_and_named_everywhere():

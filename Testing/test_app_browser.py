@@ -267,9 +267,9 @@ def test_ct_upload_cancel_click_undo_dicom_seg(page, tmp_path, capsys):
     wait_text(page, "#ssp-choice", "samsp_ctliver_litemedsam.pt", timeout=60_000)  # the catalogue's CT model
     series = page.input_value("#ssp-volume")
 
-    # Cancel mid-run: slices 8..19 are 3 encoder batches of 4; Cancel once the first slices are in the
-    # scene (they appear while the rest runs). The worker stops at the next batch boundary.
-    first, last = 8, 19
+    # Cancel mid-run on slices 8..15, once the first slices are in the scene (they appear while the
+    # rest runs): the worker stops after the slices being encoded, and the rest stay empty.
+    first, last = 8, 15
     page.fill("#ssp-first", str(first))
     page.fill("#ssp-last", str(last))
     t0 = time.monotonic()
@@ -278,45 +278,51 @@ def test_ct_upload_cancel_click_undo_dicom_seg(page, tmp_path, capsys):
     page.wait_for_function("() => parseInt(document.querySelector('#ssp-progress').innerText) >= 1",
                            timeout=RUN_TIMEOUT_MS)
     live = text(page, "#ssp-progress")
-    assert re.fullmatch(r"\d+ / 12 slices · about \d+ s left", live), live  # progress and ETA while it runs
+    assert re.fullmatch(r"\d+ / 8 slices · about \d+ s left", live), live  # progress and ETA while it runs
     page.click("#ssp-apply")
     wait_text(page, "#ssp-apply", "Auto-segment")
     seconds = time.monotonic() - t0
     status = text(page, "#ssp-status")
-    written = int(re.fullmatch(r"Cancelled: (\d+) of 12 slices were written\.", status).group(1))
-    assert 4 <= written <= 8, status  # the first batch, perhaps part of the second; never the third
+    written = int(re.fullmatch(r"Cancelled: (\d+) of 8 slices were written\.", status).group(1))
+    assert 1 <= written < 8, status
     cancelled, cancelled_image = read_nifti(export(page, "NIfTI", tmp_path))
 
-    # `samselfprompt segment` on the same series and the same batches (8..15): each slice the app wrote
-    # is the CLI's slice voxel for voxel (a whole model slice), every other slice is empty.
+    # `samselfprompt segment` on the same series and slices: each slice the app wrote is the CLI's
+    # slice voxel for voxel (a whole model slice); every other slice is empty.
     out = tmp_path / "cli.nii.gz"
-    assert cli(["segment", str(CT_DICOM), "-o", str(out), "--slices", "8:16", "--quiet"]) == 0
+    assert cli(["segment", str(CT_DICOM), "-o", str(out), "--slices", f"{first}:{last + 1}", "--quiet"]) == 0
     cli_mask, cli_image = read_nifti(out)
-    assert all(cli_mask[k].any() for k in range(first, 16))  # the liver is on every one of these slices
+    assert all(cli_mask[k].any() for k in range(first, last + 1))  # the liver is on every one of these slices
     assert np.allclose(cli_image.GetOrigin(), cancelled_image.GetOrigin())
     assert np.allclose(cli_image.GetDirection(), cancelled_image.GetDirection())
     done = [int(k) for k in np.nonzero(cancelled.any(axis=(1, 2)))[0]]
-    assert done == list(range(first, first + written)), (done, written)
+    assert len(done) == written and set(done) <= set(range(first, last + 1)), (done, written)
     for k in done:
         assert np.array_equal(cancelled[k] > 0, cli_mask[k] > 0), f"slice {k} differs from the CLI's"
 
+    # Auto-segment again, to the end: a new segment, the one clicks now correct.
+    status, _ = auto_segment(page)
+    assert status.startswith("Done: 8 slices written"), status
+    full, _ = read_nifti(export(page, "NIfTI", tmp_path))
+    assert all(full[k].any() for k in range(first, last + 1))
+
     # A negative click on the liver of the slice shown: only that slice changes; Undo restores it.
-    shown = [k for k in (n // 2 - 1, n // 2) if cancelled[k].any()]
-    liver = np.logical_and.reduce([cancelled[k] > 0 for k in shown])
+    shown = [k for k in (n // 2 - 1, n // 2) if full[k].any()]
+    liver = np.logical_and.reduce([full[k] > 0 for k in shown])
     rows, cols = np.nonzero(liver)
     centre = np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2)
     click_voxel(page, volume.ijk_to_ras, volume.shape_kji, cols[centre], rows[centre], "negative")
     corrected = wait_status(page, "Corrected slice")
     k = int(re.search(r"Corrected slice (\d+)", corrected).group(1))
     clicked, _ = read_nifti(export(page, "NIfTI", tmp_path))
-    changed = [int(s) for s in np.nonzero((clicked != cancelled).any(axis=(1, 2)))[0]]
+    changed = [int(s) for s in np.nonzero((clicked != full).any(axis=(1, 2)))[0]]
     assert changed == [k] and k in shown, (changed, k, shown)
     page.click("#ssp-undo")
     wait_status(page, f"Restored slice {k}")
     undone, _ = read_nifti(export(page, "NIfTI", tmp_path))
-    assert np.array_equal(undone, cancelled)
+    assert np.array_equal(undone, full)
 
-    # DICOM-SEG (offered for DICOM input only) references the series and holds the segment.
+    # DICOM-SEG (offered for DICOM input only) references the series and holds the target segment.
     seg = pydicom.dcmread(export(page, "DICOM-SEG", tmp_path))
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     # (This anonymised series keeps its instance UIDs only in the file meta; the writer references those.)
@@ -324,8 +330,9 @@ def test_ct_upload_cancel_click_undo_dicom_seg(page, tmp_path, capsys):
     assert seg.Modality == "SEG"
     referenced = {str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == sources
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["SAM-SP"]
-    assert int(np.asarray(seg.pixel_array).sum()) == int((cancelled > 0).sum())
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["SAM-SP (2)"]
+    assert int(np.asarray(seg.pixel_array).sum()) == int((full > 0).sum())
+    assert int(seg.NumberOfFrames) == int(full.any(axis=(1, 2)).sum())  # one frame per slice with the segment
     with capsys.disabled():
-        print(f"\n[app] {series}: progress {live!r} live, Cancel -> {written} of 12 slices written in {seconds:.1f} s, "
+        print(f"\n[app] {series}: progress {live!r} live, Cancel -> {written} of 8 slices written in {seconds:.1f} s, "
               f"each equal to the CLI's; the click on slice {k} changed only that slice; DICOM-SEG read back")

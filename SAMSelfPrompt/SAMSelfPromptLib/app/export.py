@@ -4,9 +4,10 @@ No writer lives here: .seg.nrrd is Slicer's own storage node (``mrml.save_segmen
 and DICOM-SEG go through ``io.writers.write_labelmap`` (the CLI's writer) on the segments read
 back from the scene with ``mrml.segment_array`` on the volume's grid.
 
-What each holds: .seg.nrrd and DICOM-SEG every segment of the segmentation (DICOM-SEG one binary
-segment each, numbered in segment order); NIfTI, a plain labelmap where overlapping segments
-cannot both be kept, the one segment the panel targets (the last one written) as label 1.
+What each holds: .seg.nrrd every segment of the segmentation (its layers keep overlapping segments,
+such as a re-run's "SAM-SP (2)" over "SAM-SP"); NIfTI and DICOM-SEG, which are written from one
+labelmap where overlapping segments cannot both be kept, the one segment the panel targets (the one
+clicks correct, the last one written) as label / segment 1.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from ..errors import InputError
 # id -> (what the panel shows, file suffix)
 FORMATS = {
     "seg.nrrd": ("Slicer segmentation (.seg.nrrd)", ".seg.nrrd"),
-    "nifti": ("NIfTI labelmap (.nii.gz)", ".nii.gz"),
-    "dicom-seg": ("DICOM-SEG (.dcm)", ".dcm"),
+    "nifti": ("NIfTI labelmap (.nii.gz), the target segment", ".nii.gz"),
+    "dicom-seg": ("DICOM-SEG (.dcm), the target segment", ".dcm"),
 }
 MIME = {"seg.nrrd": "application/octet-stream", "nifti": "application/gzip", "dicom-seg": "application/dicom"}
 
@@ -64,7 +65,7 @@ def export_segmentation(segmentation_node, volume_node, fmt: str, folder: str | 
                         source_files: Sequence[str] | None = None, segment_id: str | None = None) -> Path:
     """Write the segmentation of ``volume_node`` in ``fmt`` into ``folder``; returns the file.
 
-    ``segment_id`` is the segment a NIfTI export holds (default: the last segment).
+    ``segment_id`` is the segment a NIfTI or DICOM-SEG export holds (default: the last segment).
     """
     from ..io.writers import write_labelmap
     from ..slicer import mrml
@@ -81,14 +82,10 @@ def export_segmentation(segmentation_node, volume_node, fmt: str, folder: str | 
     if fmt == "seg.nrrd":
         path = Path(folder) / file_name(segmentation_node.GetName(), fmt)
         return mrml.save_segmentation(segmentation_node, path, overwrite=True)
-    ids = None
-    if fmt == "nifti":
-        ids = [segment_id or segmentation.GetNthSegmentID(segmentation.GetNumberOfSegments() - 1)]
-        if segmentation.GetSegment(ids[0]) is None:
-            raise InputError(f"segment {ids[0]!r} is not in {segmentation_node.GetName()}")
-        path = Path(folder) / file_name(f"{volume_node.GetName()} {segmentation.GetSegment(ids[0]).GetName()}", fmt)
-    else:
-        path = Path(folder) / file_name(segmentation_node.GetName(), fmt)
+    ids = [segment_id or segmentation.GetNthSegmentID(segmentation.GetNumberOfSegments() - 1)]
+    if segmentation.GetSegment(ids[0]) is None:
+        raise InputError(f"segment {ids[0]!r} is not in {segmentation_node.GetName()}")
+    path = Path(folder) / file_name(f"{volume_node.GetName()} {segmentation.GetSegment(ids[0]).GetName()}", fmt)
     labelmap, segments = segments_labelmap(segmentation_node, volume_node, ids)
     return write_labelmap(path, labelmap, mrml.ijk_to_world(volume_node), segments,
                           source_files=list(source_files or []) if fmt == "dicom-seg" else None, overwrite=True)
