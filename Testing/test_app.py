@@ -60,7 +60,7 @@ def sample_node(app):
 
 
 # Run in a child process: the offscreen view loads Mesa's LLVM, and importing torch's triton into the
-# same process afterwards crashes it (as the rest of the suite would).
+# same process afterwards crashes it (as the rest of the suite would). The app imports torch first.
 RENDER_CHECK = """
 import json
 import numpy as np
@@ -193,3 +193,15 @@ def test_inputs_a_picture_a_volume_and_uploaded_dicom_files(tmp_path):
     ct, pic = inputs.read_uploads(saved)
     assert ct.modality == "CT" and ct.shape_kji == (20, 512, 512) and len(ct.source_files) == 20
     assert pic.is_rgb
+
+
+def test_the_app_loads_torch_before_anything_renders():
+    """Triton's LLVM loaded after Mesa's crashes the process: the app imports torch's stack first,
+    whatever the command line imported before it."""
+    code = ("import sys\nfrom SAMSelfPromptLib.app.server import SAMSelfPromptWebApp\n"
+            "assert 'triton' not in sys.modules\napp = SAMSelfPromptWebApp(sample=False)\n"
+            "import importlib.util\nassert 'torch' in sys.modules\n"
+            "assert 'triton' in sys.modules or importlib.util.find_spec('triton') is None\n"
+            "app.close()\nprint('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

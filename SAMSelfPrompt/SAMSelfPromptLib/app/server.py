@@ -60,6 +60,11 @@ class SAMSelfPromptWebApp(TrameApp):
     """One scene, one Logic, one controller, served to every browser tab that connects."""
 
     def __init__(self, server=None, *, inputs_: Sequence[str | Path] = (), sample: bool = True) -> None:
+        # The model's stack (torch, and triton with it) is imported before any view renders: loading
+        # triton's LLVM after Mesa's (the offscreen OpenGL of the views) crashes the process, which
+        # would otherwise happen at the first Auto-segment.
+        from ..modeling import backbones  # noqa: F401
+
         super().__init__(server)
         self.server.enable_module(trame_slicer_module)
         self.slicer_app = SlicerApp()
