@@ -38,6 +38,17 @@ RUN_TIMEOUT_MS = 180_000
 
 # --- the app and the browser -------------------------------------------------------------------------
 
+def die_with_parent() -> None:
+    """In the app's process: get SIGTERM if pytest itself dies, so no server is left behind (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,7 +64,8 @@ def app_url(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("app") / "app.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "SAMSelfPromptLib.cli.main", "app", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=die_with_parent if sys.platform == "linux" else None)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     try:
