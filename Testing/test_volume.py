@@ -217,9 +217,10 @@ def test_cleanup_3d_in_segment_volume(expert_run, segmenter, phantom):
 def test_command_line_segmenters_trace_the_encoder_once_for_long_runs(lite_model):
     from SAMSelfPromptLib.modeling.traced_encoder import MIN_IMAGES_TO_TRACE
 
-    slicer_like = Segmenter(lite_model, "cpu")
+    # The fp32 path (CPUs without native bf16, or SAMSELFPROMPT_PRECISION=fp32); bf16: test_speed.py.
+    slicer_like = Segmenter(lite_model, "cpu", precision="fp32")
     assert slicer_like._encoder(500) == lite_model.encode  # never traced unless asked (GIL vs the UI)
-    cli = Segmenter(lite_model, "cpu")
+    cli = Segmenter(lite_model, "cpu", precision="fp32")
     cli.trace_encoder = True
     assert cli._encoder(MIN_IMAGES_TO_TRACE - 1) == lite_model.encode  # too short to pay for tracing
     traced = cli._encoder(MIN_IMAGES_TO_TRACE)

@@ -16,12 +16,14 @@ import torch
 
 from ..errors import Cancelled, InputError, OutOfMemoryError
 from ..modeling.traced_encoder import encoder_for
+from ..modeling.fast_encoder import fast_encoder
 from .volume import Volume, check_segmentable, finite_slice
-from ..modeling.backbones import SamBackbone, autocast_for, pick_device
+from ..modeling.backbones import SamBackbone, autocast_for, pick_device, resolve_precision
 from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
 from .selfprompt import box_prompt, refine, self_prompt
 from .masks import mask_box
 from .orientation import SliceStack
+from .skipping import DEFAULT_STEP, coarse, next_wave, outside_body
 
 AXIS_NAMES = {"K": 0, "J": 1, "I": 2}
 # Which RAS axis a named anatomical plane's slices are stacked along.
@@ -74,6 +76,10 @@ class SegmentOptions:
     propagate: bool = False  # carry the previous slice's box to the next (LiteMedSAM-style)
     min_area: int = 10  # propagation stops when a slice's mask is smaller than this (pixels)
     cleanup_3d: bool = False  # keep the largest 3D connected component at the end
+    # Encode only slices that can hold the target (trained SAM-SP, self-prompting): air and constant
+    # slices are skipped, the rest run coarse to fine, every coarse_step-th first (core/skipping.py).
+    skip_slices: bool = True
+    coarse_step: int = DEFAULT_STEP
 
 
 @dataclass
@@ -134,8 +140,11 @@ class Segmenter:
     """A warm model on its device plus an embedding cache; segments volumes slice by slice."""
 
     def __init__(self, model: SamBackbone, device: str | torch.device | None = None, metadata: dict | None = None,
-                 refiner: SamBackbone | None = None):
+                 refiner: SamBackbone | None = None, precision: str | None = None):
         self.device = pick_device(str(device) if device is not None else None)
+        # The encoder's precision: "auto" (bf16 on GPUs and on CPUs with native bf16, else fp32),
+        # or fp32/bf16/fp16; $SAMSELFPROMPT_PRECISION overrides auto for every host.
+        self.precision = resolve_precision(self.device, precision)
         self.model = model.to(self.device).eval()
         # An optional click-trained SAM-SP model for refine_slice. It must share the image encoder
         # (same frozen base, no LoRA), so the cached embeddings serve both models.
@@ -150,6 +159,7 @@ class Segmenter:
         # where the Python-level tracing would hold the GIL against the UI for those seconds.
         self.trace_encoder = False
         self._traced_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._fast_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Set when the device ran out of memory: the most slices encoded at once from then on.
         self.max_encode_batch: int | None = None
         self.oom_retries = 0
@@ -167,11 +177,16 @@ class Segmenter:
         return options
 
     def _encoder(self, n_slices: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The encoder for ``n_slices``: the folded bf16 copy on a bf16 CPU, else the (traced) module."""
+        if self.device.type == "cpu" and self.precision != "fp32":
+            if self._fast_encode is None:  # folded bf16 copy: no tracing, pays from the first slice
+                self._fast_encode = fast_encoder(self.model, self.precision)
+            return self._fast_encode
         if self._traced_encode is None and self.trace_encoder:
             encode = encoder_for(self.model, n_slices)
             if encode != self.model.encode:
                 self._traced_encode = encode  # the model never trains inside a Segmenter
-        return self._traced_encode or self.model.encode
+        return self._traced_encode or self.model.encode  # run under autocast_for(device, self.precision)
 
     # --- intensity and inputs -------------------------------------------------------------
     def intensity_for(self, volume: Volume, options: SegmentOptions) -> Intensity:
@@ -202,7 +217,7 @@ class Segmenter:
         while start < len(batch):
             size = min(self.max_encode_batch or len(batch), len(batch) - start)
             try:
-                with torch.no_grad(), autocast_for(self.device):
+                with torch.no_grad(), autocast_for(self.device, self.precision):
                     out.append(encode(batch[start:start + size]).float())
                 start += size
             except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
@@ -241,7 +256,7 @@ class Segmenter:
                 self.encoder_calls += len(todo)
                 for j, i in enumerate(todo):
                     self.cache.put(keys[i], emb[j], inputs[j][1])
-                    cached[i] = (emb[j], inputs[j][1])
+                    cached[i] = (emb[j].half(), inputs[j][1])  # as the cache holds it: a re-run decodes the same
             embs = torch.stack([c[0].to(self.device, torch.float32) for c in cached])  # type: ignore[index]
             yield chunk, embs, [c[1] for c in cached]  # type: ignore[index]
 
@@ -288,8 +303,34 @@ class Segmenter:
             # Expert boxes: a slice without one is empty by definition, so it is never encoded.
             yield from (_empty(k, stack) for k in indices if k not in boxes)
             indices = [k for k in indices if k in boxes]
+        elif options.skip_slices and options.empty_y0 == "skip" and len(indices) > 1:
+            yield from self._coarse_to_fine(volume, stack, indices, intensity, options, cancel)
+            return
         for chunk, embs, frames in self.embeddings(volume, stack, indices, intensity, options.batch_size, cancel):
             yield from self._decode(embs, chunk, frames, options.empty_y0, boxes, stack)
+
+    def _coarse_to_fine(self, volume, stack, indices, intensity, options, cancel) -> Iterator[SliceResult]:
+        """Skip air, then segment every coarse_step-th slice and grow around the hits (core/skipping.py).
+
+        Results come in wave order, not slice order; each slice exactly once."""
+        body = []
+        for k in indices:
+            if outside_body(stack.pixels[k], intensity):
+                yield _empty(k, stack)
+            else:
+                body.append(k)
+        step = max(1, int(options.coarse_step))
+        wave, done = coarse(body, step), set()
+        while wave:
+            found = []
+            for chunk, embs, frames in self.embeddings(volume, stack, wave, intensity, options.batch_size, cancel):
+                for r in self._decode(embs, chunk, frames, options.empty_y0, None, stack):
+                    done.add(r.index)
+                    if r.box_source != "none":
+                        found.append(r.index)
+                    yield r
+            wave = next_wave(body, found, done, step)
+        yield from (_empty(k, stack) for k in body if k not in done)
 
     def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], empty_y0: str,
                 boxes: dict[int, np.ndarray] | None, stack: SliceStack) -> list[SliceResult]:

@@ -297,7 +297,7 @@ def train(
             mine = slice(rank * per, (rank + 1) * per)
             x, y = data.get(idx[mine].tolist(), flips[mine])
             x, y = x.to(device), y.to(device)
-            with autocast_for(device):
+            with autocast_for(device, training=True):
                 y0, y1 = step_module(x, data.fallback[idx[mine]].to(device), jit[mine].to(device),
                                      data.limit[idx[mine]].to(device), single=config.objective == "single")
             if y1 is None:
@@ -324,7 +324,7 @@ def train(
                                  "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
         if val_samples and epoch + 1 >= first_val:
             if config.mode == "paper":  # the encoder changed: embed val afresh (no cache)
-                with torch.no_grad(), autocast_for(device):
+                with torch.no_grad(), autocast_for(device, training=True):
                     val_emb = torch.cat([model.encode(torch.stack([model_input(s, model.image_size)[0]
                                                                    for s in val_samples[i:i + 8]]).to(device)).float().cpu()
                                          for i in range(0, len(val_samples), 8)])
