@@ -34,6 +34,7 @@ def load_dicom_series(folder: Path, name: str):
         files.InsertNextValue(str(path))
     node = slicer.modules.volumes.logic().AddArchetypeScalarVolume(str(headers[0][0]), name, 0, files)
     assert node is not None, "the archetype reader did not load the series"
+    node.SetName(name)  # a second load in one session would otherwise be "<name>_1" (the scene's unique names)
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), str(first.get("PatientName", "Anonymous")))
     sh.SetItemUID(patient, "DICOM", str(first.PatientID))

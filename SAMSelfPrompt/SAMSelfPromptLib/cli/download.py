@@ -21,11 +21,18 @@ def _ask(spec: DownloadSpec, assume_yes: bool) -> bool:
 
 
 def run_download(args: argparse.Namespace) -> int:
+    shown = []
+
     def progress(done: int, total: int) -> None:
+        shown.append(True)
         print(f"\r{done / 1e6:.0f} / {total / 1e6:.0f} MB", end="", file=sys.stderr)
 
-    path = ensure_weights(args.model, lambda spec: _ask(spec, args.yes), progress, url=args.url)
-    print(f"\n{args.model}: {path}")
+    try:
+        path = ensure_weights(args.model, lambda spec: _ask(spec, args.yes), progress, url=args.url)
+    finally:
+        if shown:
+            print(file=sys.stderr)  # end the progress line: an error then gets a line of its own
+    print(f"{args.model}: {path}")
     return 0
 
 

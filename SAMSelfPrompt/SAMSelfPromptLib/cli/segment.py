@@ -152,8 +152,10 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
     opened = opened_cache[key]
     options = options_from_args(args, volume)
     bar = _progress_bar(case.name, args.quiet)
-    mask, results = segment_volume(opened.segmenter, volume, options, progress=bar.update)
-    bar.close()
+    try:
+        mask, results = segment_volume(opened.segmenter, volume, options, progress=bar.update)
+    finally:
+        bar.close()  # also on an error or Ctrl-C: the message then starts on a line of its own
     segments = [{"label": 1, "name": args.name, "color": (0.9, 0.6, 0.2)}]
     write_labelmap(out_path, mask, volume.ijk_to_ras, segments, source_files=volume.source_files,
                    overwrite=args.overwrite)

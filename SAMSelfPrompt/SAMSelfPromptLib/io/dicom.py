@@ -6,6 +6,7 @@ the slice normal, never by file name (the sample CT's names run opposite to z).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,9 @@ def _read_header(path: Path) -> Dataset | None:
     storage class in the file meta with no image attributes is treated as broken too).
     """
     try:
-        ds = pydicom.dcmread(path, defer_size=1024)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's notes on a truncated file: we report the file ourselves
+            ds = pydicom.dcmread(path, defer_size=1024)
     except InvalidDicomError:
         return None  # no DICM preamble: not DICOM
     except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file

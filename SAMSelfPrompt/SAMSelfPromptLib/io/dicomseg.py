@@ -116,4 +116,8 @@ def write_dicom_seg(path: str | os.PathLike, labelmap: np.ndarray, source_files:
         manufacturer=ALGORITHM_NAME, manufacturer_model_name="SAM-SP", software_versions=__version__,
         device_serial_number="0", series_description=series_description[:64],
     )
+    if "PatientOrientation" not in seg and "FrameOfReferenceUID" not in seg:
+        # A picture without a patient frame (secondary capture, VL photographic): the General Image
+        # module then requires Patient Orientation (Type 2C, empty when unknown); highdicom omits it.
+        seg.PatientOrientation = sources[0].get("PatientOrientation", "") or ""
     return atomic_write(path, lambda tmp: seg.save_as(tmp), overwrite)

@@ -112,9 +112,12 @@ class SAMSelfPromptLogic:
         if not 0 <= start < stop <= n:
             raise InputError(f"slice range {start}..{stop - 1} is outside the volume's {n} slices")
         choice = self.choose_model(volume, model, checkpoint)
+        if segmentation_node is not None:
+            mrml.check_same_grid(segmentation_node, volume_node)  # before anything in the scene changes
         if segmentation_node is None:
             segmentation_node = mrml.new_segmentation_for(volume_node)
-        elif not segmentation_node.GetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole()):
+        elif (not segmentation_node.GetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole())
+              or segmentation_node.GetSegmentation().GetNumberOfSegments() == 0):
             mrml.link_to_volume(segmentation_node, volume_node)
         if segment_id:  # an explicit overwrite: keep what is there for undo
             self._push_undo(UndoState(volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(),
@@ -300,7 +303,12 @@ class SAMSelfPromptLogic:
         volume_node = self._node(run.scene, run.volume_id)
         seg_node = self._node(run.scene, run.segmentation_id)
         if volume_node is None or seg_node is None or seg_node.GetSegmentation().GetSegment(run.segment_id) is None:
-            run.message = "the output was deleted; results are no longer written"
+            # The run ends "failed" with this reason (not a plain "cancelled": the user did not cancel).
+            what = (f"the volume {run.name!r} was removed from the scene" if volume_node is None
+                    else "the output segmentation was deleted" if seg_node is None else "the output segment was deleted")
+            run.write_error = run.write_error or (f"{what} during the run; it stopped after "
+                                                  f"{len(run.written)} slice(s) were written")
+            run.message = run.write_error
             if run.job is not None:
                 run.job.cancel()
             return

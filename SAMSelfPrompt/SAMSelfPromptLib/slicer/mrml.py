@@ -117,6 +117,34 @@ def link_to_volume(segmentation_node, volume_node) -> None:
         sh.SetItemParent(seg_item, parent)
 
 
+def check_same_grid(segmentation_node, volume_node) -> None:
+    """Refuse to write into a segmentation that holds segments on another volume's grid.
+
+    Its segments (and Slicer's exports of them) live on the grid in its reference geometry;
+    slices written on this volume's grid would not line up with them. An empty segmentation
+    has nothing to lose: the caller relinks it to the volume instead.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    geometry = segmentation.GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    if not geometry or segmentation.GetNumberOfSegments() == 0:
+        return
+    theirs = slicer.vtkOrientedImageData()
+    if not slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, theirs, False):
+        return
+    ours = lattice(volume_node, full_extent(volume_node))
+    if list(theirs.GetExtent()) == list(ours.GetExtent()) and \
+            slicer.vtkOrientedImageDataResample.DoGeometriesMatch(theirs, ours):
+        return
+    i0, i1, j0, j1, k0, k1 = theirs.GetExtent()
+    spacing = ", ".join(f"{v:.3g}" for v in theirs.GetSpacing())
+    k, j, i = volume_shape(volume_node)
+    raise InputError(
+        f"{segmentation_node.GetName()} was made for another grid ({i1 - i0 + 1} x {j1 - j0 + 1} x {k1 - k0 + 1} "
+        f"voxels of {spacing} mm) than {volume_node.GetName()} ({i} x {j} x {k} voxels); choose a segmentation of "
+        "this volume, or let Auto-segment create a new one")
+
+
 def unique_segment_name(segmentation, name: str) -> str:
     taken = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
     if name not in taken:
@@ -213,10 +241,13 @@ def write_slice(segmentation_node, segment_id: str, volume_node, axis: int, inde
     that segment is touched. (``SetBinaryLabelmapToSegment`` in MODE_REPLACE replaces the
     whole labelmap by the modifier, so it cannot write one slice.)
     """
-    view, label = _full_extent_view(segmentation_node, segment_id, volume_node)
-    expected = tuple(s for a, s in enumerate(view.shape) if a != axis)
+    # Checked before the labelmap is touched: a volume resized under a run must not re-grid the slices
+    # written so far (they stay whole) before the write is refused.
+    expected = tuple(s for a, s in enumerate(volume_shape(volume_node)) if a != axis)
     if mask.shape != expected:
-        raise InputError(f"slice mask has shape {mask.shape}, the volume's slice is {expected}")
+        raise InputError(f"slice mask has shape {mask.shape}, the volume's slice is {expected} "
+                         "(the volume changed size during the run?)")
+    view, label = _full_extent_view(segmentation_node, segment_id, volume_node)
     sl: list[slice | int] = [slice(None)] * 3
     sl[axis] = index
     view[tuple(sl)] = np.where(mask, label, 0).astype(view.dtype)
