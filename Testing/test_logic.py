@@ -151,7 +151,8 @@ def test_cancel_leaves_whole_slices(logic, ct_node):
     assert 1 <= len(run.written) < 4
     seg = slicer.mrmlScene.GetNodeByID(run.segmentation_id)
     written = mrml.segment_array(seg, run.segment_id, ct_node)
-    assert sorted(run.written) == list(range(cancel_range[0], cancel_range[0] + len(run.written)))
+    # Slices come coarse to fine (core/skipping.py), not in order: whole slices of the range, no others.
+    assert len(set(run.written)) == len(run.written) and set(run.written) <= set(range(*cancel_range))
     results = streamed(logic, run)
     for k in range(written.shape[0]):
         if k in run.written:

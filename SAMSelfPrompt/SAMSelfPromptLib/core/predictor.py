@@ -20,10 +20,11 @@ from ..modeling.fast_encoder import fast_encoder
 from .volume import Volume, check_segmentable, finite_slice
 from ..modeling.backbones import SamBackbone, autocast_for, pick_device, resolve_precision
 from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
-from .selfprompt import box_prompt, refine, self_prompt
+from .selfprompt import SelfPromptOutput, box_from_logits, box_prompt, refine, self_prompt
 from .masks import mask_box
 from .orientation import SliceStack
 from .skipping import DEFAULT_STEP, coarse, next_wave, outside_body
+from .memory import trim_heap
 
 AXIS_NAMES = {"K": 0, "J": 1, "I": 2}
 # Which RAS axis a named anatomical plane's slices are stacked along.
@@ -93,11 +94,29 @@ class SliceResult:
     logits: torch.Tensor | None = field(default=None, repr=False)
 
 
-class SliceEmbeddingCache:
-    """LRU of slice embeddings (fp16 on the CPU), bounded in bytes."""
+# The embedding cache's default bound: 256 MB holds 128 LiteMedSAM slices (2 MB each in fp16), a
+# 100-slice CT whole, and keeps a 512 x 512 x 300 run under 1.5 GB (docs/RESULTS.md, Speed). A click on
+# a slice that was evicted re-encodes it (about 0.4 s on the 2-core CPU). $SAMSELFPROMPT_CACHE_MB sets it.
+CACHE_MB_ENV = "SAMSELFPROMPT_CACHE_MB"
+DEFAULT_CACHE_MB = 256
 
-    def __init__(self, max_bytes: int = 1 << 30):
-        self.max_bytes = max_bytes
+
+def default_cache_bytes() -> int:
+    import os
+
+    text = os.environ.get(CACHE_MB_ENV, "").strip()
+    try:
+        mb = float(text) if text else DEFAULT_CACHE_MB
+    except ValueError:
+        raise InputError(f"{CACHE_MB_ENV}={text!r} is not a number of megabytes") from None
+    return max(0, int(mb * 2**20))
+
+
+class SliceEmbeddingCache:
+    """LRU of slice embeddings (fp16 on the CPU), bounded in bytes (the newest entry is always kept)."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = default_cache_bytes() if max_bytes is None else max_bytes
         self._items: OrderedDict[tuple, tuple[torch.Tensor, Frame]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -291,6 +310,8 @@ class Segmenter:
                 yield _stored(result, stack)  # the one exit back to the stored grid
                 if progress:
                     progress(done, len(indices))
+                if done % 8 == 0:
+                    trim_heap()  # freed tensors back to the OS: resident memory stays flat (core/memory.py)
         except (RuntimeError, MemoryError) as exc:  # past the encoder's own retries: decoding, mask heads
             if not _is_out_of_memory(exc):
                 raise
@@ -332,6 +353,20 @@ class Segmenter:
             wave = next_wave(body, found, done, step)
         yield from (_empty(k, stack) for k in body if k not in done)
 
+    def _sam_sp(self, embs: torch.Tensor, fallback: torch.Tensor, empty_y0: str) -> SelfPromptOutput:
+        """``self_prompt``; when an empty first pass means "no object" the box pass runs only where it
+        found one (the slices that come out empty need no second decoder pass)."""
+        if empty_y0 != "skip":
+            return self_prompt(self.model, embs, fallback)
+        y0, _ = self.model.decode(embs)
+        boxes, empty = box_from_logits(y0, fallback, self.model.image_size)
+        y1 = torch.full_like(y0, -20.0)
+        iou = torch.zeros(len(embs), 1, device=embs.device)
+        keep = torch.nonzero(~empty).flatten()
+        if len(keep):
+            y1[keep], iou[keep] = self.model.decode(embs[keep], boxes=boxes[keep])
+        return SelfPromptOutput(y0, boxes, empty, y1, iou)
+
     def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], empty_y0: str,
                 boxes: dict[int, np.ndarray] | None, stack: SliceStack) -> list[SliceResult]:
         """SAM-SP (or the expert box) on a batch of embeddings; everything in the canonical view."""
@@ -345,7 +380,15 @@ class Segmenter:
                     out.append(_result(k, logits[0], frames[j], boxes[k], "expert", iou))
                 return out
             fallback = torch.stack([torch.as_tensor(f.full_box()) for f in frames]).to(dev)
-            sp = self_prompt(self.model, embs, fallback)
+            if dev.type == "cpu":
+                # One slice at a time: batching gains nothing on the CPU, a batch of 4 holds ~0.1 GB
+                # more at its peak, and a slice's result cannot depend on which slices share its batch
+                # (the skipping path batches other slices together than the full path).
+                parts = [self._sam_sp(embs[j:j + 1], fallback[j:j + 1], empty_y0) for j in range(len(chunk))]
+                sp = SelfPromptOutput(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                                        ("y0", "boxes", "fallback_used", "y1", "iou")))
+            else:
+                sp = self._sam_sp(embs, fallback, empty_y0)
             out = []
             for j, k in enumerate(chunk):
                 if bool(sp.fallback_used[j]) and empty_y0 == "skip":
@@ -486,8 +529,12 @@ def segment_volume(
     progress: Callable[[int, int], None] | None = None,
     on_slice: Callable[[SliceResult], None] | None = None,
     assemble: bool = True,
+    keep_results: bool = True,
 ) -> tuple[np.ndarray | None, list[SliceResult]]:
-    """Run a whole volume and assemble a K x J x I uint8 mask (1 = object); None without ``assemble``."""
+    """Run a whole volume and assemble a K x J x I uint8 mask (1 = object); None without ``assemble``.
+
+    Without ``keep_results`` the list comes back empty: each result lives only as long as ``on_slice``
+    (or the host it hands it to) keeps it, so a long volume's masks and logits are not all held twice."""
     options = segmenter.resolved(options)
     axis = resolve_axis(volume, options.axis)
     mask = np.zeros(volume.shape_kji, np.uint8) if assemble else None
@@ -495,7 +542,8 @@ def segment_volume(
     for r in segmenter.segment(volume, options, cancel, progress):
         if mask is not None:
             put_slice(mask, axis, r.index, r.mask)
-        results.append(r)
+        if keep_results:
+            results.append(r)
         if on_slice:
             on_slice(r)
     if mask is not None and options.cleanup_3d and mask.any():

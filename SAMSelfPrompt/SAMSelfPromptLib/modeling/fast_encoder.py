@@ -88,7 +88,11 @@ def fast_encoder(model: SamBackbone, precision: str) -> Callable[[torch.Tensor],
         x = model.normalize(images).contiguous(memory_format=torch.channels_last)
         # no_grad, not inference_mode: the embeddings go on into caches and training code, where
         # inference tensors are refused (and the difference in speed is not measurable here).
+        # On the CPU one slice at a time: as fast per slice as a batch, and a batch of 4 would hold
+        # about 0.5 GB more activations at its peak.
         with torch.no_grad(), autocast_for(device, precision):
+            if device.type == "cpu":
+                return torch.cat([enc(x[i:i + 1]).float() for i in range(len(x))]).contiguous()
             return enc(x).float().contiguous()
 
     return encode

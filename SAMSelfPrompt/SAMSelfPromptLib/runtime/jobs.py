@@ -182,13 +182,18 @@ def segmentation_job(segmenter, volume, options=None, keep_mask: bool = True) ->
         opts = seg.resolved(options)
         ctx.emit(EventKind.MESSAGE, f"Segmenting on {seg.device}...")
 
+        counts = {"slices": 0, "nonempty": 0}
+
         def on_slice(result) -> None:
+            counts["slices"] += 1
+            counts["nonempty"] += bool(result.mask.any())
             ctx.emit(EventKind.SLICE, result)
             ctx.check_cancel()  # after a whole slice is out, never inside one
 
-        mask, results = segment_volume(seg, volume, opts, cancel=ctx.cancel_event, progress=ctx.progress,
-                                       on_slice=on_slice, assemble=keep_mask)
-        summary = {"slices": len(results), "nonempty": sum(1 for r in results if r.mask.any())}
+        # The results are not kept here: each lives in its SLICE event until the host drains it.
+        mask, _ = segment_volume(seg, volume, opts, cancel=ctx.cancel_event, progress=ctx.progress,
+                                 on_slice=on_slice, assemble=keep_mask, keep_results=False)
+        summary = dict(counts)
         if keep_mask:
             summary["mask"] = mask
         return summary

@@ -1,0 +1,178 @@
+"""Issue 13's engine pieces on real data: the CPU precision choice, slice skipping, memory bounds.
+
+Slice skipping must change no slice where the target is present: on the shared CT series (liver,
+label 5 of labels.nii.gz, on every one of its 20 slices) the skipping path is compared with the
+full path slice by slice. One Segmenter serves both paths, skipping first, so every slice is
+encoded once and both paths decode the same cached embeddings. No timing thresholds here:
+speed is measured by `samselfprompt bench` (docs/RESULTS.md, Speed).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path
+
+from SAMSelfPromptLib.core.masks import dice
+from SAMSelfPromptLib.core.predictor import (Segmenter, SegmentOptions, SliceEmbeddingCache, segment_volume)
+from SAMSelfPromptLib.core.preprocess import Intensity
+from SAMSelfPromptLib.core.skipping import coarse, next_wave, outside_body
+from SAMSelfPromptLib.core.volume import Volume
+from SAMSelfPromptLib.errors import InputError
+from SAMSelfPromptLib.modeling.backbones import autocast_for, cpu_has_native_bf16, resolve_precision
+
+LIVER = 5
+AIR = -1024
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def ct():
+    from SAMSelfPromptLib.io import read_any
+
+    volume = read_any(shared_path("ct_totalseg", "dicom"))
+    labels = read_any(shared_path("ct_totalseg", "labels.nii.gz")).array == LIVER  # same grid as the series
+    assert volume.array.shape == labels.shape
+    return volume, labels
+
+
+@pytest.fixture(scope="module")
+def fast():
+    """The shipped CT model as every host opens it (default precision), one per module: a shared cache."""
+    from SAMSelfPromptLib.weights.catalogue import open_segmenter
+
+    return open_segmenter(device="cpu", modality="CT").segmenter
+
+
+def padded(volume: Volume, n_air: int) -> Volume:
+    """The series with ``n_air`` all-air slices before and after (outside the body: never encoded)."""
+    air = np.full((n_air, *volume.array.shape[1:]), AIR, volume.array.dtype)
+    ijk_to_ras = volume.ijk_to_ras.copy()
+    ijk_to_ras[:3, 3] -= ijk_to_ras[:3, 2] * n_air  # slice 0 moves n_air slices down
+    return Volume(np.concatenate([air, volume.array, air]), ijk_to_ras, "CT", "CT series padded with air")
+
+
+def test_skipping_changes_no_liver_slice_of_the_ct_series(ct, fast):
+    volume, liver = ct
+    vol = padded(volume, 2)
+    liver = np.concatenate([np.zeros((2, *liver.shape[1:]), bool), liver, np.zeros((2, *liver.shape[1:]), bool)])
+    start = fast.encoder_calls
+    skip_mask, skip_results = segment_volume(fast, vol, SegmentOptions())
+    encoded_by_skipping = fast.encoder_calls - start
+    full_mask, full_results = segment_volume(fast, vol, SegmentOptions(skip_slices=False))
+    assert fast.encoder_calls - start == vol.array.shape[0]  # the full path encoded only what skipping left
+
+    with_liver = [k for k in range(vol.array.shape[0]) if liver[k].any()]
+    assert len(with_liver) == 20
+    for k in with_liver:
+        assert np.array_equal(skip_mask[k], full_mask[k]), f"slice {k} differs between the skipping and full paths"
+    skipped = {r.index: r for r in skip_results}
+    full = {r.index: r for r in full_results}
+    for k in with_liver:  # the same result, not just the same mask
+        assert skipped[k].box_source == full[k].box_source
+        if full[k].box is not None:
+            np.testing.assert_array_equal(skipped[k].box, full[k].box)
+    assert encoded_by_skipping <= 20  # the 4 air slices were never encoded
+    assert not skip_mask[[0, 1, 22, 23]].any()
+    assert sorted(skipped) == list(range(24))  # every slice comes out exactly once
+    # The model finds the liver: the comparison above is not between two empty outputs.
+    assert dice(full_mask.astype(bool), liver) > 0.7
+
+
+def test_skipping_schedule():
+    """The coarse-to-fine waves and the outside-body test. (On real data the shipped CT model's first
+    pass finds "liver" on every slice with body in it, crops and phantom slices without liver included,
+    so only the schedule shows the waves stopping; docs/RESULTS.md, Speed.)"""
+    body = list(range(10, 30))
+    assert coarse(body, 4) == [10, 14, 18, 22, 26, 29]
+    assert coarse([3], 4) == [3] and coarse([], 4) == []
+    done = set(coarse(body, 4))
+    assert next_wave(body, [18], done, 4) == [15, 16, 17, 19, 20, 21]
+    assert next_wave(body, [29], done, 4) == [25, 27, 28]
+    assert next_wave(body, [], done, 4) == []
+    ct = Intensity("CT", -160.0, 240.0)
+    air = np.full((64, 64), -1000, np.int16)
+    assert outside_body(air, ct)
+    body_slice = air.copy()
+    body_slice[16:48, 16:48] = 40
+    assert not outside_body(body_slice, ct)
+    assert outside_body(np.zeros((64, 64)), Intensity("MR", 0.0, 1.0))  # one value everywhere: blank input
+    assert not outside_body(np.arange(4096.0).reshape(64, 64), Intensity("MR", 0.0, 1.0))
+    with_nan = body_slice.astype(float)
+    with_nan[0, 0] = np.nan
+    assert not outside_body(with_nan, ct)  # left to the encoder path, which refuses it with its message
+
+
+def test_precision_choice_and_override(monkeypatch, lite_model):
+    monkeypatch.delenv("SAMSELFPROMPT_PRECISION", raising=False)
+    native = cpu_has_native_bf16()
+    assert resolve_precision(CPU) == ("bf16" if native else "fp32")
+    assert Segmenter(lite_model, "cpu").precision == resolve_precision(CPU)
+    monkeypatch.setenv("SAMSELFPROMPT_PRECISION", "fp32")
+    plain = Segmenter(lite_model, "cpu")
+    assert plain.precision == "fp32" and plain._encoder(4) == lite_model.encode
+    assert Segmenter(lite_model, "cpu", precision="bf16").precision == "bf16"  # the caller wins over the env
+    monkeypatch.setenv("SAMSELFPROMPT_PRECISION", "fast")
+    with pytest.raises(InputError, match="SAMSELFPROMPT_PRECISION"):
+        Segmenter(lite_model, "cpu")
+    monkeypatch.delenv("SAMSELFPROMPT_PRECISION")
+    assert not torch.is_autocast_enabled("cpu")
+    with autocast_for(CPU, "bf16", training=True):
+        assert not torch.is_autocast_enabled("cpu")  # CPU training stays fp32
+    with autocast_for(CPU, "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_fast_path_agrees_with_fp32_on_the_ct_series(ct, fast):
+    """The bf16 encoder against the naive fp32 one, on real slices: embeddings and SAM-SP masks."""
+    if fast.precision == "fp32":
+        pytest.skip("this CPU has no native bf16: the fast path is the fp32 path")
+    volume, _ = ct
+    vol = padded(volume, 2)  # the volume the first test cached (same content key): no re-encoding
+    naive = Segmenter(fast.model, "cpu", fast.metadata, precision="fp32")
+    opts = SegmentOptions(slice_range=(8, 14), skip_slices=False)
+    fast_mask, _ = segment_volume(fast, vol, opts)
+    naive_mask, _ = segment_volume(naive, vol, opts)
+    assert dice(fast_mask, naive_mask) >= 0.995
+    from SAMSelfPromptLib.core.orientation import SliceStack
+    from SAMSelfPromptLib.core.preprocess import normalize_slice, to_model_input
+
+    stack = SliceStack.of(vol, 0)
+    x = to_model_input(normalize_slice(stack.pixels[10], fast.intensity_for(vol, opts)), 256)[0][None]
+    with torch.no_grad():
+        ref = fast.model.encode(x)
+        got = fast._encoder(1)(x)
+    assert float((got - ref).norm() / ref.norm()) < 0.03  # bf16 matmuls, fp32 convolutions: about 1%
+
+
+def test_embedding_cache_is_bounded_in_bytes(monkeypatch):
+    monkeypatch.setenv("SAMSELFPROMPT_CACHE_MB", "5")
+    cache = SliceEmbeddingCache()
+    assert cache.max_bytes == 5 * 2**20
+    for k in range(4):
+        cache.put(("v", 0, k), torch.zeros(256, 64, 64), None)  # 2 MB each in fp16
+    assert cache._bytes <= cache.max_bytes and cache.get(("v", 0, 0)) is None and cache.get(("v", 0, 3)) is not None
+    assert cache.get(("v", 0, 3))[0].dtype == torch.float16
+    monkeypatch.setenv("SAMSELFPROMPT_CACHE_MB", "lots")
+    with pytest.raises(InputError, match="SAMSELFPROMPT_CACHE_MB"):
+        SliceEmbeddingCache()
+
+
+def test_job_keeps_no_results_of_its_own(fast):
+    """The one job path streams results to the host and keeps only counts (and the mask it was asked for)."""
+    from SAMSelfPromptLib.runtime.jobs import EventKind, Worker, segmentation_job
+
+    pixels = np.full((3, 64, 64), AIR, np.int16)
+    pixels[:, 30:34, 30:34] = 40  # 0.4% of each slice inside the window: outside the body, never encoded
+    vol = Volume(pixels, np.diag([-1.0, -1.0, 2.0, 1.0]), "CT", "air")
+    worker = Worker()
+    try:
+        job = worker.submit(segmentation_job(fast, vol, SegmentOptions(), keep_mask=True))
+        summary = job.wait(60)
+        events = worker.drain()
+    finally:
+        worker.shutdown()
+    assert summary["slices"] == 3 and summary["nonempty"] == 0 and summary["mask"].shape == (3, 64, 64)
+    assert sorted(e.payload.index for e in events if e.kind is EventKind.SLICE) == [0, 1, 2]
+    _, kept = segment_volume(fast, vol, SegmentOptions(), keep_results=False)
+    assert kept == []
