@@ -112,7 +112,7 @@ def options_from_args(args: argparse.Namespace, volume: Volume) -> SegmentOption
         boxes = {k: list(map(float, args.box)) for k in range(start, stop)}
     return SegmentOptions(
         axis=args.axis, slice_range=rng, boxes=boxes, propagate=args.propagate, cleanup_3d=args.cleanup,
-        batch_size=args.batch_size, ct_window=args.window,
+        batch_size=args.batch_size, ct_window=args.window, skip_slices=not getattr(args, "all_slices", False),
     )
 
 
@@ -149,6 +149,11 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
         opened_cache[key] = open_segmenter(args.model, args.weights, args.checkpoint, args.device,
                                            volume.modality, volume.is_rgb)
         opened_cache[key].segmenter.trace_encoder = True  # long CPU runs trace the encoder once
+        if getattr(args, "precision", None):  # before the first slice: the encoder is built for it
+            from ..modeling.backbones import resolve_precision
+
+            seg = opened_cache[key].segmenter
+            seg.precision = resolve_precision(seg.device, args.precision)
     opened = opened_cache[key]
     options = options_from_args(args, volume)
     bar = _progress_bar(case.name, args.quiet)
@@ -282,6 +287,11 @@ def register(subparsers) -> None:
     p.add_argument("--num-parts", type=int, help="split the batch into this many disjoint parts")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="encoder precision (default auto: bf16 on GPUs and CPUs with native bf16, else fp32; "
+                        "also $SAMSELFPROMPT_PRECISION)")
+    p.add_argument("--all-slices", action="store_true",
+                   help="encode every slice (default: skip air and encode coarse to fine around the target)")
     p.set_defaults(func=run)
 
     s = subparsers.add_parser("series", help="list the DICOM series in a folder")
