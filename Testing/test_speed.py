@@ -110,7 +110,7 @@ def test_precision_choice_and_override(monkeypatch, lite_model):
     assert Segmenter(lite_model, "cpu").precision == resolve_precision(CPU)
     monkeypatch.setenv("SAMSELFPROMPT_PRECISION", "fp32")
     plain = Segmenter(lite_model, "cpu")
-    assert plain.precision == "fp32" and plain._encoder(4) == lite_model.encode
+    assert plain.precision == "fp32" and plain._encoder(4) == plain._per_slice  # the module, one slice at a time
     assert Segmenter(lite_model, "cpu", precision="bf16").precision == "bf16"  # the caller wins over the env
     monkeypatch.setenv("SAMSELFPROMPT_PRECISION", "fast")
     with pytest.raises(InputError, match="SAMSELFPROMPT_PRECISION"):
