@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
+from SAMSelfPromptLib.core.masks import dice
 
 pytestmark = pytest.mark.browser
 CHROMIUM = Path("/usr/bin/chromium")
@@ -189,11 +190,6 @@ def click_voxel(page, ijk_to_ras: np.ndarray, shape_kji, i: float, j: float, sig
     page.mouse.click(x, y)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
-
-
 # --- the sample ------------------------------------------------------------------------------------------
 
 def test_sample_auto_segment_click_undo_export_batch(page, tmp_path, capsys):
@@ -217,13 +213,16 @@ def test_sample_auto_segment_click_undo_export_batch(page, tmp_path, capsys):
     app_dice = dice(app_mask[0], truth)
     assert app_dice > 0.9, app_dice
 
-    # The same picture through `samselfprompt segment`: the same voxels, on the same grid.
+    # The same picture through `samselfprompt segment`: the same answer on the same grid. The bf16 encoder
+    # (CPUs with native bf16) sums in an order that depends on the thread count, which differs between the
+    # app's process and this one, so a few boundary pixels may flip: agreement is a Dice, not bit equality.
     png = tmp_path / "sample.png"
     Image.fromarray(image).save(png)
     out = tmp_path / "cli.nii.gz"
     assert cli(["segment", str(png), "-o", str(out), "--quiet"]) == 0
     cli_mask, cli_image = read_nifti(out)
-    assert np.array_equal(cli_mask > 0, app_mask > 0), f"{(cli_mask > 0).sum()} vs {(app_mask > 0).sum()} voxels"
+    agreement = dice(cli_mask > 0, app_mask > 0)
+    assert agreement >= 0.998, f"{(cli_mask > 0).sum()} vs {(app_mask > 0).sum()} voxels, Dice {agreement:.4f}"
     assert np.allclose(cli_image.GetDirection(), app_image.GetDirection())
     assert np.allclose(cli_image.GetOrigin(), app_image.GetOrigin())
 
@@ -300,7 +299,7 @@ def test_ct_upload_cancel_click_undo_dicom_seg(page, tmp_path, capsys):
     cancelled, cancelled_image = read_nifti(export(page, "NIfTI", tmp_path))
 
     # `samselfprompt segment` on the same series and slices: each slice the app wrote is the CLI's
-    # slice voxel for voxel (a whole model slice); every other slice is empty.
+    # slice (a whole model slice, Dice >= 0.998); every other slice is empty.
     out = tmp_path / "cli.nii.gz"
     assert cli(["segment", str(CT_DICOM), "-o", str(out), "--slices", f"{first}:{last + 1}", "--quiet"]) == 0
     cli_mask, cli_image = read_nifti(out)
@@ -310,7 +309,8 @@ def test_ct_upload_cancel_click_undo_dicom_seg(page, tmp_path, capsys):
     done = [int(k) for k in np.nonzero(cancelled.any(axis=(1, 2)))[0]]
     assert len(done) == written and set(done) <= set(range(first, last + 1)), (done, written)
     for k in done:
-        assert np.array_equal(cancelled[k] > 0, cli_mask[k] > 0), f"slice {k} differs from the CLI's"
+        agreement = dice(cancelled[k] > 0, cli_mask[k] > 0)  # bf16: see the sample test
+        assert agreement >= 0.998, f"slice {k} differs from the CLI's (Dice {agreement:.4f})"
 
     # Auto-segment again, to the end: a new segment, the one clicks now correct.
     status, _ = auto_segment(page)
