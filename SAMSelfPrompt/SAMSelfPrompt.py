@@ -62,6 +62,8 @@ class SAMSelfPromptParameterNode:
     batchAllVolumes: bool = False
     model: Annotated[str, Choice(list(MODEL_CHOICES))] = "litemedsam"
     checkpoint: str = ""
+    target: str = ""  # "": the default target for the input
+    forceTarget: bool = False
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     segmentName: str = "SAM-SP"
     rerun: Annotated[str, Choice(list(RERUN_CHOICES))] = NEW_SEGMENT
@@ -102,6 +104,8 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.clicked.connect(self._action(self.controller.undo))
         self.ui.clearPointsButton.clicked.connect(self._action(self.controller.clear_points))
         self.ui.adaptButton.clicked.connect(self._action(self.controller.adapt))
+        self._shownTargets = None
+        self.ui.targetComboBox.currentIndexChanged.connect(self._onTargetChosen)
         self._unsubscribe = self.controller.subscribe(self.render)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -173,6 +177,32 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         self.controller.refresh()
 
+    def _onTargetChosen(self, index: int) -> None:
+        """The menu's first entry is "default": it clears the choice (the catalogue then picks)."""
+        if self._shownTargets is None or index < 0:
+            return
+        name = self.ui.targetComboBox.itemData(index) or ""
+        if (self.controller.parameters.target or "") != name:
+            self.controller.parameters.target = name
+            self.controller.refresh()
+
+    def _renderTargets(self, view) -> None:
+        """Refill the target menu only when the fitting targets change (refilling resets the selection)."""
+        combo = self.ui.targetComboBox
+        if view.target_choices != self._shownTargets:
+            self._shownTargets = None  # no _onTargetChosen while refilling
+            combo.clear()
+            if view.target_choices:
+                combo.addItem(f"default: {view.target_choices[0][1]}", "")
+                for name, text in view.target_choices:
+                    combo.addItem(text, name)
+            self._shownTargets = view.target_choices
+        wanted = self.controller.parameters.target or ""
+        index = combo.findData(wanted) if wanted else 0
+        if index >= 0 and combo.currentIndex != index:
+            combo.setCurrentIndex(index)
+        self.ui.targetDescriptionLabel.text = view.target_description
+
     # --- controller -> widgets ------------------------------------------------------------------------
     def render(self, view) -> None:
         """Copy the controller's view into the widgets; nothing is decided here."""
@@ -192,6 +222,7 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.errorLabel.text = view.error_text
         ui.errorLabel.visible = bool(view.error_text)
         ui.targetLabel.text = view.target_text
+        self._renderTargets(view)
         self._setShortcuts(view.shortcuts_enabled)
         if self._timer is not None and view.ticks_needed and not self._timer.isActive():
             self._timer.start()

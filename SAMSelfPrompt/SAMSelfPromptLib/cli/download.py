@@ -46,10 +46,43 @@ def run_models(args: argparse.Namespace) -> int:
             cached = cached_weights(model_id)
             where = f"cached at {cached}" if cached else f"downloadable ({spec.download.size / 1e6:.0f} MB)"
         print(f"{model_id:14s} {spec.title:45s} {where}")
-    for m in shipped_models():
-        dice = m.summary.get("val_dice")
-        print(f"SAM-SP {m.name}: modality {m.modality}, {m.path.name}" + (f", val Dice {dice:.3f}" if dice else ""))
+    print()
+    print_targets()
     return 0
+
+
+def print_targets() -> None:
+    """Every target: shipped ones with their val metrics and terms, recipe-only ones as not trained."""
+    from ..weights.catalogue import shipped_targets
+    from ..weights.targets import TARGETS
+
+    shipped = {t.name: t for t in shipped_targets()}
+    models = {m.target.name: m for m in shipped_models() if m.target is not None}
+    print("Targets (prompt-free SAM-SP models; `segment --target NAME`, default marked *):")
+    for spec in TARGETS:
+        t = shipped.get(spec.name)
+        default = "*" if spec.default_for else " "
+        structures = ", ".join(s.name for s in spec.structures)
+        print(f"{default} {spec.name:18s} {'/'.join(spec.kinds):4s} {structures}")
+        if t is None:
+            print(f"    not shipped (train it: samselfprompt train --target {spec.name} -o FILE)")
+            print(f"    terms: {'NON-COMMERCIAL USE ONLY. ' if spec.noncommercial else ''}{spec.terms}")
+            continue
+        summary = models[spec.name].summary
+        val = summary.get("val_metrics") or {}
+        rows = summary.get("val_rows") or {}
+        parts = [f"val samsp Dice {val['samsp']:.3f}" if "samsp" in val else "",
+                 f"samsp_y0 {val['samsp_y0']:.3f}" if "samsp_y0" in val else "",
+                 f"gt_box {rows['gt_box']['dice']:.3f}" if "gt_box" in rows else "",
+                 f"false-positive rate {val['fp_rate']:.1%} of {val.get('n_negative')} negatives"
+                 if val.get("n_negative") else ""]
+        print(f"    {t.path.name}: " + ", ".join(p for p in parts if p))
+        if summary.get("val_note"):
+            print(f"    note: {summary['val_note']}")
+        print(f"    terms: {'NON-COMMERCIAL USE ONLY. ' if spec.noncommercial else ''}{spec.terms}")
+    for name, t in shipped.items():
+        if name not in {s.name for s in TARGETS}:
+            print(f"  {name:18s} {'/'.join(t.kinds):4s} {', '.join(s.name for s in t.structures)} ({t.path.name})")
 
 
 def register(subparsers) -> None:
@@ -58,5 +91,5 @@ def register(subparsers) -> None:
     d.add_argument("--yes", action="store_true", help="agree to the download without asking")
     d.add_argument("--url", help="a mirror URL for the same file (sha256 is still checked)")
     d.set_defaults(func=run_download)
-    m = subparsers.add_parser("models", help="list backbones and shipped SAM-SP models")
+    m = subparsers.add_parser("models", help="list backbones and targets (shipped SAM-SP models, val metrics, terms)")
     m.set_defaults(func=run_models)

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "segment",
     "demo",
     "training",
+    "adapt",
     "bench",
     "download",
     "app",

@@ -144,10 +144,14 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
         raise InputError(f"{out_path}: a DICOM-SEG output needs a DICOM series as input ({case.path} is not "
                          "DICOM); save as .seg.nrrd or .nii.gz instead")
     check_segmentable(volume, resolve_axis(volume, args.axis), parse_slices(args.slices))  # before the model loads
-    key = (volume.is_rgb, (volume.modality or "").upper())
+    from ..weights.catalogue import input_kind
+
+    # The guard: with no target fitting this input's kind, NoTargetError (exit 2) before any model runs.
+    key = (input_kind(volume.modality, volume.is_rgb, volume.array), args.target)
     if key not in opened_cache:
         opened_cache[key] = open_segmenter(args.model, args.weights, args.checkpoint, args.device,
-                                           volume.modality, volume.is_rgb)
+                                           volume.modality, volume.is_rgb, target=args.target,
+                                           array=volume.array, force_target=args.force_target)
         opened_cache[key].segmenter.trace_encoder = True  # long CPU runs trace the encoder once
         if getattr(args, "precision", None):  # before the first slice: the encoder is built for it
             from ..modeling.backbones import resolve_precision
@@ -157,11 +161,27 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
     opened = opened_cache[key]
     options = options_from_args(args, volume)
     bar = _progress_bar(case.name, args.quiet)
+    structures = list(opened.structures) or [None]
+    mask = None
+    results: list = []
     try:
-        mask, results = segment_volume(opened.segmenter, volume, options, progress=bar.update)
+        # One pass per structure of the target (label value = its position + 1); the Segmenter's slice
+        # cache encodes each slice once for all of them. Where two overlap, the later one is kept.
+        for index, _ in enumerate(structures):
+            options.structure = index
+            found, found_results = segment_volume(opened.segmenter, volume, options, progress=bar.update)
+            mask = found.astype(np.uint8) if mask is None else np.where(found > 0, index + 1, mask).astype(np.uint8)
+            results = results or found_results
+            if index:
+                results = [a if a.mask.any() else b for a, b in zip(results, found_results)]
     finally:
         bar.close()  # also on an error or Ctrl-C: the message then starts on a line of its own
-    segments = [{"label": 1, "name": args.name, "color": (0.9, 0.6, 0.2)}]
+    if structures == [None]:
+        segments = [{"label": 1, "name": args.name, "color": (0.9, 0.6, 0.2)}]
+    else:
+        segments = [s.segment_entry(i + 1) for i, s in enumerate(structures)]
+        if args.name != "SAM-SP" and len(segments) == 1:
+            segments[0]["name"] = args.name
     write_labelmap(out_path, mask, volume.ijk_to_ras, segments, source_files=volume.source_files,
                    overwrite=args.overwrite)
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
@@ -262,7 +282,11 @@ def run(args: argparse.Namespace) -> int:
 def add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="litemedsam", help="backbone id (litemedsam, sam_vit_b/l/h, medsam_vit_b)")
     p.add_argument("--weights", help="backbone weights file (SAM/MedSAM); LiteMedSAM's are bundled")
-    p.add_argument("--checkpoint", help="SAM-SP checkpoint (default: the shipped model for the input's modality)")
+    p.add_argument("--checkpoint", help="SAM-SP checkpoint (default: the shipped target for the input's kind)")
+    p.add_argument("--target", help="a target by name (samselfprompt models lists them; default: the one for the "
+                                    "input's kind, and none at all when no target fits: nothing is painted)")
+    p.add_argument("--force-target", action="store_true",
+                   help="run --target even on an input kind it was not trained for")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
 
 

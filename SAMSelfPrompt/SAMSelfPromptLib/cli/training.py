@@ -25,6 +25,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help="embedding cache folder (default $SAMSELFPROMPT_CACHE/embeddings, or ~/.cache/samselfprompt/embeddings)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--target", help="a shipped target (samselfprompt models): its data, labels and recipe "
+                                    "(train) or its checkpoint and val data (evaluate)")
+    p.add_argument("--data-root", default=os.environ.get("SAMSELFPROMPT_DATA", "../shared/data"),
+                   help="folder holding the targets' data sets (default $SAMSELFPROMPT_DATA or ../shared/data)")
 
 
 def register(subparsers) -> None:
@@ -36,12 +40,17 @@ def register(subparsers) -> None:
     t.add_argument("--val-label", help="3D: its label map")
     t.add_argument("-o", "--out", required=True, help="SAM-SP checkpoint to write (.pt)")
     t.add_argument("--mode", choices=("cpu", "paper"), default="cpu")
+    t.add_argument("--method", choices=("samsp", "promise"), default="samsp",
+                   help="samsp (default): self-prompting SAM; promise: ProMISe's APM + IPS on the frozen backbone "
+                        "(cpu mode, cached embeddings)")
+    t.add_argument("--gt-point-fraction", type=float, default=0.25,
+                   help="promise: share of IPS training images prompted with ground-truth points (default 0.25)")
     t.add_argument("--epochs", "--max-epochs", dest="epochs", type=int, default=None,
                    help="training epochs (default: the trainer's, 8)")
     t.add_argument("--val-from", type=int, default=0, metavar="EPOCH",
                    help="first epoch scored on val for model selection (default 0: the second half; 1: every epoch)")
     t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4 for samsp, 2e-3 for promise)")
     t.add_argument("--alpha", type=float, default=1.0, help="KL weight")
     t.add_argument("--box-jitter", type=float, default=0.1)
     t.add_argument("--flip", action="store_true", help="flip cached embeddings (approximate augmentation)")
@@ -66,7 +75,10 @@ def register(subparsers) -> None:
     e = subparsers.add_parser("evaluate", help="Dice/IoU/HD95 of vanilla prompting vs SAM-SP")
     _data_args(e)
     e.add_argument("--split", default=None, help="evaluate only this split of a 2D folder (default: all images)")
-    e.add_argument("--checkpoint", help=f"SAM-SP checkpoint (default: the shipped {DEFAULT_PH2_CHECKPOINT.name})")
+    e.add_argument("--checkpoint", help=f"SAM-SP checkpoint (default: the shipped {DEFAULT_PH2_CHECKPOINT.name}; "
+                                        "'none': no SAM-SP rows)")
+    e.add_argument("--promise-checkpoint", help="ProMISe checkpoint (train --method promise): rows promise, "
+                                                "promise_apm (its APM map alone), promise_ips_gt_points")
     e.add_argument("--alpha0-checkpoint", help="ablation: trained with alpha = 0 (row samsp_alpha0)")
     e.add_argument("--no-self-prompt-checkpoint", help="ablation: trained without self-prompt (row no_self_prompt)")
     e.add_argument("--json", required=True, help="write rows and per-case metrics here")
@@ -106,7 +118,10 @@ def run_train(args) -> int:
     from ..training.trainer import TrainConfig
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
-    config = TrainConfig(mode=args.mode, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+    if args.method == "promise" and (args.fewshot_slices is not None or args.mode != "cpu" or args.init or args.resume):
+        raise SystemExit("--method promise trains in cpu mode from vanilla weights (no --fewshot-slices, --init, --resume)")
+    config = TrainConfig(mode=args.mode, epochs=args.epochs or TrainConfig.epochs, batch_size=args.batch_size,
+                         lr=args.lr or TrainConfig.lr, alpha=args.alpha,
                          box_jitter=args.box_jitter, flip=args.flip, objective=args.objective, seed=args.seed,
                          lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank),
                          click_rounds=args.click_rounds, click_weight=args.click_weight, val_from=args.val_from)
@@ -115,6 +130,8 @@ def run_train(args) -> int:
         from ..training.fewshot import fewshot_command
 
         return fewshot_command(args, config)
+    if args.target:
+        return _train_target(args, config, t0)
     if args.image:
         train = _volume_samples(args.image, args.label, args.label_id, args.ct_window)
         val = _volume_samples(args.val_image, args.val_label, args.label_id, args.ct_window) if args.val_image else None
@@ -132,12 +149,58 @@ def run_train(args) -> int:
         summary = {"source": "folder", "folder": Path(args.data).name, "split": args.split, "val_split": args.val_split,
                    "n_train": len(train), "n_val": len(val or []),
                    "train_ids": folder_ids(args.data, split) if split else None}
+    if args.method == "promise":
+        return _train_promise(args, train, val, summary, t0)
     device, rank = _init_distributed(args.device)
     model = base_model(args.init, device=device)
     work = args.work_dir or str(Path(args.out).with_suffix("")) + "_work"
     result, meta = train_samples(train, val, args.out if rank == 0 else None, config, model, summary,
                                  work_dir=work if rank == 0 else None, resume=args.resume,
                                  half=args.half, cache=_cache(args), progress=not args.no_progress and rank == 0)
+    print(f"trained in {time.time() - t0:.0f} s; best epoch {result.best_epoch}; val {result.best_val}")
+    return 0
+
+
+def _train_target(args, config, t0: float) -> int:
+    """train --target NAME: the target's data and recipe; writes the checkpoint and its JSON summary."""
+    from dataclasses import replace
+
+    from ..training.api import base_model, train_samples, write_summary
+    from ..training.targets import target_samples
+    from ..weights.targets import target_spec
+
+    spec = target_spec(args.target)
+    if args.epochs is None and spec.recipe.get("epochs"):
+        config = replace(config, epochs=int(spec.recipe["epochs"]))
+    train = target_samples(spec, args.data_root, "train")
+    val = target_samples(spec, args.data_root, "val")
+    summary = {"source": "target", "target": spec.name, "dataset": spec.dataset, "split": "train", "val_split": "val",
+               "n_train": len(train), "n_train_negative": sum(not s.has_label for s in train),
+               "n_val": len(val), "n_val_negative": sum(not s.has_label for s in val), "recipe": spec.recipe}
+    model = base_model(args.init, device=None if args.device == "auto" else args.device)
+    model.set_structures(len(spec.structures))
+    work = args.work_dir or str(Path(args.out).with_suffix("")) + "_work"
+    result, meta = train_samples(train, val, args.out, config, model, summary, work_dir=work, resume=args.resume,
+                                 half=args.half, cache=_cache(args), progress=not args.no_progress,
+                                 extra_metadata={"target": spec.to_dict(), "role": "auto", "kind": spec.kinds[0]})
+    write_summary(args.out, Path(args.out).with_suffix(".json"), {
+        "target": spec.to_dict(), "role": "auto", "modality": spec.kinds[0],
+        "description": f"{spec.title}: prompt-free SAM-SP, LiteMedSAM base, trained on {spec.dataset} train, "
+                       f"selected on {spec.dataset} val" + (" (NON-COMMERCIAL terms)" if spec.noncommercial else "")})
+    print(f"trained {spec.name} in {time.time() - t0:.0f} s; best epoch {result.best_epoch}; val {result.best_val}")
+    return 0
+
+
+def _train_promise(args, train, val, summary, t0: float) -> int:
+    """ProMISe: APM + IPS on the frozen backbone, written in the SAM-SP checkpoint format."""
+    from ..training.api import base_model
+    from ..training.promise_trainer import PromiseConfig, train_promise_samples
+
+    config = PromiseConfig(epochs=args.epochs or PromiseConfig.epochs, batch_size=args.batch_size,
+                           lr=args.lr or PromiseConfig.lr, seed=args.seed, val_from=args.val_from,
+                           gt_point_fraction=args.gt_point_fraction)
+    result, _ = train_promise_samples(train, val, args.out, config, base_model(None, device=args.device), summary,
+                                      cache=_cache(args), progress=not args.no_progress)
     print(f"trained in {time.time() - t0:.0f} s; best epoch {result.best_epoch}; val {result.best_val}")
     return 0
 
@@ -179,7 +242,9 @@ def run_evaluate(args) -> int:
     device = pick_device(args.device)
     vanilla = build_model().to(device)
     ckpt = args.checkpoint or str(DEFAULT_PH2_CHECKPOINT)
-    trained = {"samsp": load_samsp(ckpt)[0].to(device)}
+    trained = {} if ckpt == "none" else {"samsp": load_samsp(ckpt)[0].to(device)}
+    if args.promise_checkpoint:
+        trained["promise"] = load_samsp(args.promise_checkpoint)[0].to(device)
     if args.alpha0_checkpoint:
         trained["samsp_alpha0"] = load_samsp(args.alpha0_checkpoint)[0].to(device)
     if args.no_self_prompt_checkpoint:
@@ -188,21 +253,28 @@ def run_evaluate(args) -> int:
     print(result.markdown())
     out = result.to_json()
     out["checkpoint"] = ckpt
+    if args.promise_checkpoint:
+        out["promise_checkpoint"] = args.promise_checkpoint
     if args.clicks:
-        out["clicks"], out["clicks_rows"] = _click_metrics(args, vanilla, trained["samsp"], samples, device)
+        out["clicks"], out["clicks_rows"] = _click_metrics(args, vanilla, trained, samples, device)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
-def _click_metrics(args, vanilla, samsp, samples, device) -> tuple[dict, dict]:
-    """Rows: the untrained model (baseline), the evaluated checkpoint, and any named extras."""
+def _click_metrics(args, vanilla, trained, samples, device) -> tuple[dict, dict]:
+    """Rows: the untrained model (baseline), the evaluated checkpoint(s) (samsp, promise), and any named extras.
+
+    ProMISe clicks in its promptable mode (APM points + clicks, IPS); row promise_plain_decoder clicks with
+    SAM-SP's protocol (box of its output + clicks + previous logits) on its untouched decoder."""
     from ..weights.checkpoint import load_samsp
-    from ..evaluation.clicks import click_rows, clicks_markdown, prompt_free_starts
+    from ..evaluation.clicks import PLAIN_DECODER_SUFFIX, click_rows, clicks_markdown, prompt_free_starts
 
     emb, frames = _cache(args).embed(vanilla, samples, progress=True)
-    models = {"vanilla": vanilla, "samsp": samsp}
+    models = {"vanilla": vanilla, **{k: trained[k] for k in ("samsp", "promise") if k in trained}}
+    if "promise" in trained:  # its clicks also on the untouched decoder with SAM-SP's protocol, for comparison
+        models["promise" + PLAIN_DECODER_SUFFIX] = trained["promise"]
     for spec in args.clicks_baseline_checkpoint:
         name, _, path = spec.partition("=")
         if not path:
@@ -211,7 +283,8 @@ def _click_metrics(args, vanilla, samsp, samples, device) -> tuple[dict, dict]:
     rows = {name: (m, *prompt_free_starts(m, emb, frames, vanilla=name == "vanilla")) for name, m in models.items()}
     table = click_rows(rows, emb, frames, [s.mask for s in samples], max_clicks=args.clicks)
     print(clicks_markdown(table))
-    summary = {k: v for k, v in table["samsp"].items() if k != "per_case"}
+    main = "samsp" if "samsp" in table else next(iter(table))
+    summary = {k: v for k, v in table[main].items() if k != "per_case"}
     return summary, table
 
 

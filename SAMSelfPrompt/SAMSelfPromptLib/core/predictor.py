@@ -20,7 +20,8 @@ from ..modeling.fast_encoder import fast_encoder
 from .volume import Volume, check_segmentable, finite_slice
 from ..modeling.backbones import SamBackbone, autocast_for, pick_device, resolve_precision
 from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
-from .selfprompt import SelfPromptOutput, box_from_logits, box_prompt, refine, self_prompt
+from .selfprompt import SelfPromptOutput, absent, box_from_logits, box_prompt, refine, self_prompt
+from .promise import promise_prompt, promise_refine
 from .masks import mask_box
 from .orientation import SliceStack
 from .skipping import DEFAULT_STEP, coarse, next_wave, outside_body
@@ -81,6 +82,8 @@ class SegmentOptions:
     # slices are skipped, the rest run coarse to fine, every coarse_step-th first (core/skipping.py).
     skip_slices: bool = True
     coarse_step: int = DEFAULT_STEP
+    # Which structure of a multi-structure checkpoint (e.g. ACDC: 0 RV, 1 myocardium, 2 LV).
+    structure: int = 0
 
 
 @dataclass
@@ -182,6 +185,11 @@ class Segmenter:
         # Set when the device ran out of memory: the most slices encoded at once from then on.
         self.max_encode_batch: int | None = None
         self.oom_retries = 0
+
+    @property
+    def method(self) -> str:
+        """The prompt-free method of the loaded checkpoint: "samsp" (also for a vanilla backbone) or "promise"."""
+        return str(self.metadata.get("method", "samsp"))
 
     @property
     def trained(self) -> bool:
@@ -335,7 +343,7 @@ class Segmenter:
             yield from self._coarse_to_fine(volume, stack, indices, intensity, options, cancel)
             return
         for chunk, embs, frames in self.embeddings(volume, stack, indices, intensity, options.batch_size, cancel):
-            yield from self._decode(embs, chunk, frames, options.empty_y0, boxes, stack)
+            yield from self._decode(embs, chunk, frames, options.empty_y0, boxes, stack, options.structure)
 
     def _coarse_to_fine(self, volume, stack, indices, intensity, options, cancel) -> Iterator[SliceResult]:
         """Skip air, then segment every coarse_step-th slice and grow around the hits (core/skipping.py).
@@ -352,7 +360,7 @@ class Segmenter:
         while wave:
             found = []
             for chunk, embs, frames in self.embeddings(volume, stack, wave, intensity, options.batch_size, cancel):
-                for r in self._decode(embs, chunk, frames, options.empty_y0, None, stack):
+                for r in self._decode(embs, chunk, frames, options.empty_y0, None, stack, options.structure):
                     done.add(r.index)
                     if r.box_source != "none":
                         found.append(r.index)
@@ -360,22 +368,36 @@ class Segmenter:
             wave = next_wave(body, found, done, step)
         yield from (_empty(k, stack) for k in body if k not in done)
 
-    def _sam_sp(self, embs: torch.Tensor, fallback: torch.Tensor, empty_y0: str) -> SelfPromptOutput:
+    @property
+    def presence_threshold(self) -> float:
+        """Pass 1's predicted IoU below this means "not on this slice" (chosen on val at training)."""
+        return float(self.metadata.get("presence_threshold") or 0.0)
+
+    def _sam_sp(self, embs: torch.Tensor, fallback: torch.Tensor, empty_y0: str,
+                structure: int = 0) -> SelfPromptOutput:
         """``self_prompt``; when an empty first pass means "no object" the box pass runs only where it
-        found one (the slices that come out empty need no second decoder pass)."""
+        found one (the slices that come out empty need no second decoder pass).
+
+        A ProMISe checkpoint (metadata "method": "promise") runs its own prompt-free path instead
+        (core/promise.py: APM points, one IPS-shifted decoder pass); it returns the same fields, its
+        box being the output's box. Its clicks (``refine_slice``) are more point prompts in that pass."""
+        if self.method == "promise":
+            return promise_prompt(self.model, embs, fallback)
+        which = torch.full((len(embs),), structure, dtype=torch.long, device=embs.device)
         if empty_y0 != "skip":
-            return self_prompt(self.model, embs, fallback)
-        y0, _ = self.model.decode(embs)
+            return self_prompt(self.model, embs, fallback, structure=which)
+        y0, presence = self.model.decode(embs, structure=which)
         boxes, empty = box_from_logits(y0, fallback, self.model.image_size)
+        empty = absent(empty, presence, self.presence_threshold)
         y1 = torch.full_like(y0, -20.0)
         iou = torch.zeros(len(embs), 1, device=embs.device)
         keep = torch.nonzero(~empty).flatten()
         if len(keep):
-            y1[keep], iou[keep] = self.model.decode(embs[keep], boxes=boxes[keep])
-        return SelfPromptOutput(y0, boxes, empty, y1, iou)
+            y1[keep], iou[keep] = self.model.decode(embs[keep], boxes=boxes[keep], structure=which[keep])
+        return SelfPromptOutput(y0, boxes, empty, y1, iou, presence)
 
     def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], empty_y0: str,
-                boxes: dict[int, np.ndarray] | None, stack: SliceStack) -> list[SliceResult]:
+                boxes: dict[int, np.ndarray] | None, stack: SliceStack, structure: int = 0) -> list[SliceResult]:
         """SAM-SP (or the expert box) on a batch of embeddings; everything in the canonical view."""
         dev = embs.device
         with torch.no_grad():
@@ -391,11 +413,11 @@ class Segmenter:
                 # One slice at a time: batching gains nothing on the CPU, a batch of 4 holds ~0.1 GB
                 # more at its peak, and a slice's result cannot depend on which slices share its batch
                 # (the skipping path batches other slices together than the full path).
-                parts = [self._sam_sp(embs[j:j + 1], fallback[j:j + 1], empty_y0) for j in range(len(chunk))]
+                parts = [self._sam_sp(embs[j:j + 1], fallback[j:j + 1], empty_y0, structure) for j in range(len(chunk))]
                 sp = SelfPromptOutput(*(torch.cat([getattr(p, f) for p in parts]) for f in
                                         ("y0", "boxes", "fallback_used", "y1", "iou")))
             else:
-                sp = self._sam_sp(embs, fallback, empty_y0)
+                sp = self._sam_sp(embs, fallback, empty_y0, structure)
             out = []
             for j, k in enumerate(chunk):
                 if bool(sp.fallback_used[j]) and empty_y0 == "skip":
@@ -427,7 +449,7 @@ class Segmenter:
                                           [frames[j] for j in chunk_boxed], options.empty_y0, boxes, stack):
                         seeds[r.index] = r
             else:
-                for r in self._decode(embs, chunk, frames, options.empty_y0, None, stack):
+                for r in self._decode(embs, chunk, frames, options.empty_y0, None, stack, options.structure):
                     seeds[r.index] = r
         seed = max(seeds.values(), key=lambda r: int(r.mask.sum()))
         yield seed
@@ -482,7 +504,11 @@ class Segmenter:
             box = torch.as_tensor(frame.box_to_model(prev_box), device=embs.device)[None]
         prev_logits = previous.logits.to(embs.device) if previous is not None and previous.logits is not None else None
         with torch.no_grad():
-            logits, iou = refine(self.refiner or self.model, embs, box, prev_logits, coords, labels)
+            if self.method == "promise":  # promptable mode: APM points + clicks, IPS (core/promise.py)
+                full = torch.as_tensor(frame.full_box(), device=embs.device)[None]
+                logits, iou = promise_refine(self.model, embs, full, coords, labels)
+            else:
+                logits, iou = refine(self.refiner or self.model, embs, box, prev_logits, coords, labels)
         src = previous.box_source if previous is not None else "none"
         return _stored(_result(k, logits[0], frame, prev_box, src, iou), stack)
 

@@ -52,17 +52,33 @@ def box_from_logits(logits: torch.Tensor, fallback: torch.Tensor, image_size: in
 class SelfPromptOutput:
     y0: torch.Tensor  # B x 1 x 256 x 256 logits of the no-prompt pass
     boxes: torch.Tensor  # B x 4 self-prompt boxes (model input pixels)
-    fallback_used: torch.Tensor  # B bool: y0 was empty, the fallback box was used
+    fallback_used: torch.Tensor  # B bool: pass 1 found nothing (see ``absent``), the fallback box was used
     y1: torch.Tensor  # B x 1 x 256 x 256 logits of the box pass (the output)
     iou: torch.Tensor  # B x 1 predicted IoU of y1
+    presence: torch.Tensor | None = None  # B x 1 predicted IoU of y0: the presence score
 
 
-def self_prompt(model: SamBackbone, embeddings: torch.Tensor, fallback_boxes: torch.Tensor) -> SelfPromptOutput:
+def absent(empty: torch.Tensor, presence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Pass 1 says "no object": its mask is empty, or its predicted IoU is below ``threshold``.
+
+    Presence-trained checkpoints (negatives in training) learn both: an empty y0 and a predicted
+    IoU near 0 where the structure is absent. The threshold comes from the checkpoint's
+    metadata ("presence_threshold", chosen on val); 0 keeps the plain SAM-SP rule.
+    """
+    if threshold <= 0:  # the IoU head's output is not bounded below: 0 means "no presence check"
+        return empty
+    return empty | (presence[:, 0] < threshold)
+
+
+def self_prompt(model: SamBackbone, embeddings: torch.Tensor, fallback_boxes: torch.Tensor,
+                presence_threshold: float = 0.0, structure: torch.Tensor | None = None) -> SelfPromptOutput:
     """Both SAM-SP passes on a batch of embeddings (differentiable except the box)."""
-    y0, _ = model.decode(embeddings)
+    y0, presence = model.decode(embeddings, structure=structure)
     boxes, empty = box_from_logits(y0, fallback_boxes, model.image_size)
-    y1, iou = model.decode(embeddings, boxes=boxes)
-    return SelfPromptOutput(y0, boxes, empty, y1, iou)
+    gone = absent(empty, presence, presence_threshold)
+    boxes = torch.where(gone[:, None], fallback_boxes.to(boxes), boxes)
+    y1, iou = model.decode(embeddings, boxes=boxes, structure=structure)
+    return SelfPromptOutput(y0, boxes, gone, y1, iou, presence)
 
 
 def box_prompt(model: SamBackbone, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,13 +24,14 @@ from ..core.preprocess import Frame, logits_to_slice
 @torch.no_grad()
 def click_curve(
     model: SamBackbone, embedding: torch.Tensor, frame: Frame, gt: np.ndarray, start_logits: torch.Tensor,
-    box: torch.Tensor, max_clicks: int = 20, stop_at: float = 0.90, min_clicks: int = 5,
+    box: torch.Tensor, max_clicks: int = 20, stop_at: float = 0.90, min_clicks: int = 5, promptable: bool = False,
 ) -> list[float]:
     """Dice after 0..max_clicks clicks for one case (length max_clicks + 1).
 
     Once Dice has reached ``stop_at`` and ``min_clicks`` are done, the remaining entries
     repeat the last value: they no longer change any reported number, and skipping them
-    keeps evaluation fast.
+    keeps evaluation fast. ``promptable``: a ProMISe model in its promptable mode (``core.promise.promise_refine``)
+    instead of box + clicks + previous logits on the plain decoder.
     """
     dev = model.device
     gt = gt.astype(bool)
@@ -51,11 +52,19 @@ def click_curve(
         labels.append(1 if click.positive else 0)
         coords = torch.as_tensor(frame.points_to_model(points), device=dev)[None]
         lab = torch.tensor([labels], device=dev)
-        prev, _ = model.decode(emb, boxes=box, points=(coords, lab), mask_logits=prev)
+        if promptable:  # ProMISe: APM points + clicks through the IPS-shifted decoder
+            from ..core.promise import promise_refine
+
+            prev, _ = promise_refine(model, emb, torch.as_tensor(frame.full_box(), device=dev)[None], coords, lab)
+        else:
+            prev, _ = model.decode(emb, boxes=box, points=(coords, lab), mask_logits=prev)
         pred = (logits_to_slice(prev, frame) > 0).cpu().numpy()
         curve.append(dice(pred, gt))
     curve += [curve[-1]] * (max_clicks + 1 - len(curve))
     return curve
+
+
+PLAIN_DECODER_SUFFIX = "_plain_decoder"
 
 
 def noc(curve: Sequence[float], threshold: float, cap: int) -> int:
@@ -82,10 +91,16 @@ def click_rows(
     rows: dict[str, tuple[SamBackbone, torch.Tensor, torch.Tensor]],
     emb: torch.Tensor, frames: Sequence[Frame], masks: Sequence[np.ndarray], max_clicks: int = 20,
 ) -> dict[str, dict]:
-    """rows: name -> (model, start low-res logits N x 1 x 256 x 256, start boxes N x 4)."""
+    """rows: name -> (model, start low-res logits N x 1 x 256 x 256, start boxes N x 4).
+
+    A ProMISe model clicks in its promptable mode, unless its row name ends in PLAIN_DECODER_SUFFIX
+    (then: box + clicks + previous logits on its untouched decoder, as every other row)."""
+    from ..modeling.promise import has_promise
+
     out = {}
     for name, (model, start, boxes) in rows.items():
-        curves = [click_curve(model, emb[i], frames[i], masks[i], start[i], boxes[i], max_clicks)
+        promptable = has_promise(model) and not name.endswith(PLAIN_DECODER_SUFFIX)
+        curves = [click_curve(model, emb[i], frames[i], masks[i], start[i], boxes[i], max_clicks, promptable=promptable)
                   for i in range(len(frames))]
         out[name] = summarize(curves, max_clicks)
         out[name]["per_case"] = [[round(v, 4) for v in cv[:6]] for cv in curves]
@@ -95,9 +110,11 @@ def click_rows(
 @torch.no_grad()
 def prompt_free_starts(model: SamBackbone, emb: torch.Tensor, frames: Sequence[Frame], vanilla: bool,
                        batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the user starts clicking: SAM-SP's y1 and its box, or for an untrained model its
-    whole-image-box result (its best prompt-free output: its no-prompt pass is empty)."""
+    """Where the user starts clicking: SAM-SP's y1 and its box, ProMISe's output and its box, or for an
+    untrained model its whole-image-box result (its best prompt-free output: its no-prompt pass is empty)."""
+    from ..core.promise import promise_prompt
     from ..core.selfprompt import self_prompt
+    from ..modeling.promise import has_promise
 
     dev = model.device
     full = torch.stack([torch.as_tensor(f.full_box()) for f in frames])
@@ -109,7 +126,7 @@ def prompt_free_starts(model: SamBackbone, emb: torch.Tensor, frames: Sequence[F
             logits.append(lg.cpu())
             boxes.append(fb.cpu())
         else:
-            out = self_prompt(model, e, fb)
+            out = promise_prompt(model, e, fb) if has_promise(model) else self_prompt(model, e, fb)
             logits.append(out.y1.cpu())
             boxes.append(out.boxes.cpu())
     return torch.cat(logits), torch.cat(boxes)

@@ -8,6 +8,9 @@ Rows (all on the same images and the same cached embeddings):
   samsp_y0     trained model, pass 1 (no prompt)
   samsp        trained model, pass 2 on the self-prompt box: the output
   samsp_alpha0 / no_self_prompt   ablation checkpoints, when given
+  promise      ProMISe checkpoint (APM + IPS, frozen backbone): prompt-free output, when given
+  promise_apm  its APM map alone, upsampled (what the points are read from)
+  promise_ips_gt_points   IPS prompted with 8 + 8 points sampled from the ground truth (promptable mode)
 
 Metrics are computed on the original slice grid. HD95 is the 95th percentile of the
 symmetric surface distances (in mm where the spacing is known, pixels for photographs);
@@ -103,14 +106,50 @@ def vanilla_logits(model: SamBackbone, emb: torch.Tensor, frames: Sequence[Frame
 
 
 @torch.no_grad()
-def samsp_logits(model: SamBackbone, emb: torch.Tensor, frames: Sequence[Frame], batch: int = 8) -> dict[str, torch.Tensor]:
-    """Low-res logits of both SAM-SP passes (y0, y1) plus whether the fallback box was used."""
+def samsp_logits(model: SamBackbone, emb: torch.Tensor, frames: Sequence[Frame], batch: int = 8,
+                 structures: torch.Tensor | None = None, presence_threshold: float | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Low-res logits of both SAM-SP passes (y0, y1), whether pass 1 found nothing (the fallback box
+    was used) and pass 1's presence score.
+
+    ``presence_threshold`` given: score as inference runs a trained checkpoint: where pass 1 finds
+    nothing (``selfprompt.absent``) the output is empty, not the fallback box's mask.
+    """
     fb = full_boxes(frames)
     dev = model.device
 
     def run(sl: slice) -> dict[str, torch.Tensor]:
-        out = self_prompt(model, emb[sl].to(dev, torch.float32), fb[sl].to(dev))
-        return {"samsp_y0": out.y0, "samsp": out.y1, "fallback": out.fallback_used.float()}
+        which = structures[sl].to(dev) if structures is not None else None
+        out = self_prompt(model, emb[sl].to(dev, torch.float32), fb[sl].to(dev),
+                          presence_threshold or 0.0, structure=which)
+        y1 = out.y1
+        if presence_threshold is not None:
+            y1 = torch.where(out.fallback_used[:, None, None, None], torch.full_like(y1, -20.0), y1)
+        return {"samsp_y0": out.y0, "samsp": y1, "fallback": out.fallback_used.float(), "presence": out.presence}
+
+    return _batched(run, emb.shape[0], batch)
+
+
+@torch.no_grad()
+def promise_logits(model: SamBackbone, emb: torch.Tensor, frames: Sequence[Frame], masks: Sequence[np.ndarray],
+                   batch: int = 8) -> dict[str, torch.Tensor]:
+    """ProMISe rows: prompt-free output, APM map alone, and IPS with ground-truth points."""
+    from ..core.preprocess import mask_to_low_res
+    from ..core.promise import EMPTY_LOGIT, gt_points, promise_decode, promise_prompt
+
+    fb = full_boxes(frames)
+    targets = torch.stack([mask_to_low_res(np.asarray(m, bool), f) for m, f in zip(masks, frames)])
+    dev = model.device
+
+    def run(sl: slice) -> dict[str, torch.Tensor]:
+        e, b = emb[sl].to(dev, torch.float32), fb[sl].to(dev)
+        out = promise_prompt(model, e, b)
+        coords, labels, empty = gt_points(model, targets[sl].to(dev), b)
+        gt = torch.full_like(out.y1, EMPTY_LOGIT)
+        keep = torch.nonzero(~empty).flatten()
+        if len(keep):
+            gt[keep] = promise_decode(model, e[keep], coords[keep], labels[keep])[0]
+        return {"promise_apm": out.y0, "promise": out.y1, "promise_ips_gt_points": gt}
 
     return _batched(run, emb.shape[0], batch)
 
@@ -172,17 +211,24 @@ def score_rows(
 
 
 def evaluate_samples(vanilla: SamBackbone, trained: dict[str, SamBackbone], samples: Sequence, cache,
-                     progress: bool = False) -> EvalResult:
+                     progress: bool = False, presence_thresholds: dict[str, float] | None = None) -> EvalResult:
     """All rows on ``samples`` (training.data.Sample). ``trained`` maps a row prefix to a model:
     "samsp" gives rows samsp_y0 and samsp; "samsp_alpha0" its y1; "no_self_prompt" its y0
-    (that ablation is trained and used without the second pass)."""
+    (that ablation is trained and used without the second pass). ``presence_thresholds``: each
+    trained row's checkpoint threshold ("presence_threshold" in its metadata); where pass 1 finds
+    nothing the row's output is empty, as in Auto-segment."""
     masks = [s.mask for s in samples]
+    structures = torch.tensor([getattr(s, "structure", 0) for s in samples], dtype=torch.long)
     emb, frames = cache.embed(vanilla, samples, progress=progress)
     logits = vanilla_logits(vanilla, emb, frames, masks)
     for name, model in trained.items():
         # LoRA checkpoints change the encoder: the cache key (encoder fingerprint) then differs.
         e = emb if encoder_same(vanilla, model) else cache.embed(model, samples, progress=progress)[0]
-        sp = samsp_logits(model, e, frames)
+        if name == "promise":
+            logits.update(promise_logits(model, e, frames, masks))
+            continue
+        sp = samsp_logits(model, e, frames, structures=structures,
+                          presence_threshold=(presence_thresholds or {}).get(name, 0.0))
         if name == "samsp":
             logits.update({"samsp_y0": sp["samsp_y0"], "samsp": sp["samsp"]})
         elif name == "no_self_prompt":

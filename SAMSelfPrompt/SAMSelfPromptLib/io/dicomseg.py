@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from .. import __version__
 from ..errors import InputError
@@ -75,11 +76,20 @@ def _description(number: int, seg: dict):
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME, family=codes.DCM.ArtificialIntelligence, version=ALGORITHM_VERSION)
-    # A generic anatomy code with the user's name as the label: the engine does not know what it segmented.
+    # A target's structure carries its SNOMED CT codes ("codes": scheme, value, meaning); without
+    # them a generic anatomy code with the user's name as the label.
+    known = seg.get("codes") or {}
+
+    def code(key: str, default):
+        c = known.get(key)
+        return Code(c[1], c[0], c[2]) if c else seg.get(key, default)
+
+    region = known.get("region")
     return hd.seg.SegmentDescription(
         segment_number=number, segment_label=str(seg["name"])[:64],
-        segmented_property_category=seg.get("category", codes.SCT.AnatomicalStructure),
-        segmented_property_type=seg.get("type", codes.SCT.Organ),
+        segmented_property_category=code("category", codes.SCT.AnatomicalStructure),
+        segmented_property_type=code("type", codes.SCT.Organ),
+        anatomic_regions=[Code(region[1], region[0], region[2])] if region else None,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC if seg.get("automatic", True)
         else hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
         algorithm_identification=algorithm,

@@ -80,6 +80,23 @@ class SamBackbone(nn.Module):
         return self.spec.image_size
 
     @property
+    def n_structures(self) -> int:
+        """How many structures one checkpoint segments (one learned no-prompt embedding each)."""
+        emb = getattr(self, "structure_embed", None)
+        return 1 if emb is None else int(emb.shape[0])
+
+    def set_structures(self, n: int) -> None:
+        """Give each of ``n`` structures its own learned shift of the dense "no mask" embedding.
+
+        SAM adds one ``no_mask_embed`` to every position when no mask prompt is given; here
+        structure s adds ``structure_embed[s]`` on top, in both SAM-SP passes, so one decoder
+        tells RV, myocardium and LV apart from the same image embedding. Zero-initialised: a new
+        structure starts as the plain model.
+        """
+        if n > 1 and self.n_structures != n:
+            self.structure_embed = nn.Parameter(torch.zeros(n, EMBED_DIM, device=self.device))
+
+    @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
@@ -99,12 +116,17 @@ class SamBackbone(nn.Module):
         boxes: torch.Tensor | None = None,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask_logits: torch.Tensor | None = None,
+        mask_token_shift: torch.Tensor | None = None,
+        structure: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder pass per embedding.
 
         embeddings: B x 256 x 64 x 64; boxes: B x 4 (x0, y0, x1, y1 in input pixels) or None;
         points: (B x N x 2 coords, B x N labels 1/0/-1) or None; mask_logits: B x 1 x 256 x 256 or None.
-        With every prompt None this is SAM's "no prompt" pass.
+        With every prompt None this is SAM's "no prompt" pass. ``mask_token_shift`` (B x 4 x 256) is
+        added to the decoder's mask tokens (ProMISe's Incremental Pattern Shifting, modeling/promise.py);
+        None leaves the decoder exactly as trained. ``structure`` (B long) picks each embedding's
+        structure in a multi-structure checkpoint (``set_structures``); None means structure 0.
         Returns low-resolution logits B x 1 x 256 x 256 and predicted IoU B x 1.
 
         segment-anything's MaskDecoder repeats each image embedding once per prompt,
@@ -122,7 +144,15 @@ class SamBackbone(nn.Module):
             dense = dense.expand(batch, -1, -1, -1)
         dec = self.mask_decoder
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
+        output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
+        if mask_token_shift is not None:
+            iou_shift = output_tokens.new_zeros(batch, 1, output_tokens.shape[-1])  # the IoU token stays
+            output_tokens = output_tokens + torch.cat([iou_shift, mask_token_shift.to(output_tokens)], dim=1)
+        tokens = torch.cat([output_tokens, sparse], dim=1)
+        shift = getattr(self, "structure_embed", None)
+        if shift is not None:
+            which = structure if structure is not None else torch.zeros(batch, dtype=torch.long)
+            dense = dense + shift[which.to(shift.device)][:, :, None, None]
         src = embeddings + dense
         pos = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)
         b, c, h, w = src.shape
@@ -144,7 +174,7 @@ class SamBackbone(nn.Module):
         return {
             k: v
             for k, v in self.state_dict().items()
-            if k.startswith(("prompt_encoder.", "mask_decoder.")) or "lora_" in k
+            if k.startswith(("prompt_encoder.", "mask_decoder.", "structure_embed")) or "lora_" in k
         }
 
 

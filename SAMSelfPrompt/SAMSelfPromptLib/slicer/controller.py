@@ -61,6 +61,8 @@ class Parameters:
     batch_all: bool = False
     model: str = "litemedsam"
     checkpoint: str = ""  # "": the shipped SAM-SP model the catalogue picks for the input
+    target: str = ""  # "": the default target for the input's kind (weights.catalogue.targets_for)
+    force_target: bool = False  # run the named target even on an input kind it was not trained for
     output_segmentation: Any = None  # None: the first run makes one, linked to the volume
     segment_name: str = "SAM-SP"
     slice_axis: str = "auto"
@@ -76,7 +78,7 @@ PARAMETER_NAMES = {
     "input_volume": "inputVolume", "batch_all": "batchAllVolumes", "model": "model", "checkpoint": "checkpoint",
     "output_segmentation": "outputSegmentation", "segment_name": "segmentName", "slice_axis": "sliceAxis",
     "first_slice": "firstSlice", "last_slice": "lastSlice", "device": "device", "adapt_epochs": "adaptEpochs",
-    "rerun": "rerun",
+    "rerun": "rerun", "target": "target", "force_target": "forceTarget",
 }
 
 
@@ -120,6 +122,9 @@ class View:
     status_text: str
     error_text: str
     target_text: str  # which segment clicks (and an overwriting re-run) go to
+    # The targets that fit the input volume, (name, menu text), the default first; empty without input.
+    target_choices: tuple[tuple[str, str], ...] = ()
+    target_description: str = ""  # the selected (or default) target: structures, val Dice, terms; or the guard
 
 
 def slice_range(first: int, last: int, n_slices: int) -> tuple[int, int] | None:
@@ -213,7 +218,38 @@ class ModuleController:
             status_text=self.status,
             error_text=self.error,
             target_text=self._target_text(),
+            **self._targets_view(),
         )
+
+    def _targets_view(self) -> dict:
+        """The target menu for the input volume and the text under it (cached per volume content)."""
+        from ..weights.catalogue import input_kind, no_target_message
+
+        node = self.parameters.input_volume
+        if node is None or bool(self.parameters.batch_all):
+            return {"target_choices": (), "target_description": ""}
+        image = node.GetImageData()
+        key = (node.GetID(), image.GetMTime() if image is not None else 0, len(self.logic.adapted_checkpoints))
+        if getattr(self, "_targets_key", None) != key:
+            try:
+                volume = self.logic.volume(node)
+                kind = input_kind(volume.modality, volume.is_rgb, volume.array)
+                fitting = self.logic.targets_for(node)
+            except SamSelfPromptError:
+                kind, fitting = "unknown", []
+            self._targets_key, self._targets = key, (kind, fitting)
+        kind, fitting = self._targets
+        choices = tuple((t.name, t.title + (" (non-commercial)" if t.noncommercial else "")) for t in fitting)
+        name = self.parameters.target or ""
+        chosen = next((t for t in fitting if t.name == name), None) if name else (fitting[0] if fitting else None)
+        if chosen is not None:
+            text = chosen.describe()
+        elif name:
+            text = (f"{name} is not trained for this {kind} input; it runs only with 'Run the target even if ...' "
+                    "checked.")
+        else:
+            text = no_target_message(kind)
+        return {"target_choices": choices, "target_description": text}
 
     def _progress(self) -> tuple[int, int, str, float | None]:
         run = self.run
@@ -299,21 +335,25 @@ class ModuleController:
                 return None  # a consented install runs first, then this again
             ranges = [self._slice_range_for(node) for node in volumes]  # all checked before any starts
             kwargs = dict(model=p.model, checkpoint=p.checkpoint or None, device=p.device, axis=p.slice_axis,
-                          segment_name=p.segment_name or "SAM-SP", allow_download=self._download_allowed())
+                          segment_name=p.segment_name or "SAM-SP", allow_download=self._download_allowed(),
+                          target=(p.target or None) if not p.checkpoint else None,
+                          force_target=bool(p.force_target))
             self.set_click_mode(None)
             self.clear_points()  # the clicks were for the result this run replaces
             if len(volumes) == 1 and not p.batch_all:
                 overwrite = self.target_segment_id() if p.rerun == OVERWRITE else None
                 run = self.logic.start_auto_segment(volumes[0], segmentation_node=p.output_segmentation,
                                                     segment_id=overwrite, slice_range=ranges[0], **kwargs)
+                first = getattr(run, "runs", [run])[0]  # a multi-structure target: one run per structure
                 if p.output_segmentation is None:
-                    p.output_segmentation = self.scene.GetNodeByID(run.segmentation_id)
-                self.output = (run.segmentation_id, run.segment_id)
+                    p.output_segmentation = self.scene.GetNodeByID(first.segmentation_id)
+                self.output = (first.segmentation_id, first.segment_id)
             else:  # one new segmentation per volume, each with its own slice range
                 from .runs import BatchRun
 
-                run = BatchRun([self.logic.start_auto_segment(node, slice_range=r, **kwargs)
-                                for node, r in zip(volumes, ranges)])
+                started = [self.logic.start_auto_segment(node, slice_range=r, **kwargs)
+                           for node, r in zip(volumes, ranges)]
+                run = BatchRun([r for s in started for r in getattr(s, "runs", [s])])
         except SamSelfPromptError as exc:
             if self.logic.busy:  # a batch that could not start every volume starts none
                 self.logic.cancel()

@@ -16,6 +16,7 @@ Torch and the engine are imported lazily, inside the methods that need them, so 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,11 +53,29 @@ class SAMSelfPromptLogic:
         self._observed_scenes: dict[int, tuple[Any, int]] = {}
 
     # --- models -----------------------------------------------------------------------------------
-    def choose_model(self, volume, model: str = "litemedsam", checkpoint: str | Path | None = None):
-        """The catalogue's choice for this input (instant; the model itself loads on the worker)."""
+    def choose_model(self, volume, model: str = "litemedsam", checkpoint: str | Path | None = None,
+                     target: str | None = None, force_target: bool = False):
+        """The catalogue's choice for this input (instant; the model itself loads on the worker).
+
+        Raises ``NoTargetError`` (the guard) when nothing is named and no target fits the input."""
         from ..weights.catalogue import choose_model
 
-        return choose_model(model, None, checkpoint, volume.modality, volume.is_rgb)
+        return choose_model(model, None, checkpoint, volume.modality, volume.is_rgb, target=target,
+                            array=volume.array, force_target=force_target, extra_targets=self.user_targets())
+
+    def user_targets(self) -> tuple:
+        """The models Adapt saved in this session, offered as targets like the shipped ones."""
+        from ..weights.catalogue import target_of_checkpoint
+
+        found = (target_of_checkpoint(Path(p)) for p in self.adapted_checkpoints if Path(p).is_file())
+        return tuple(t for t in found if t is not None)
+
+    def targets_for(self, volume_node) -> list:
+        """The targets that fit this volume, the default first (for a host's target menu)."""
+        from ..weights.catalogue import input_kind, targets_for
+
+        volume = self.volume(volume_node)
+        return targets_for(input_kind(volume.modality, volume.is_rgb, volume.array), self.user_targets())
 
     def _segmenter_loader(self, choice, device: str) -> Callable[[JobContext], Any]:
         """A function the worker calls to get the warm Segmenter for ``choice`` (loading it once)."""
@@ -94,13 +113,19 @@ class SAMSelfPromptLogic:
         device: str = "auto", axis: str | int = "auto", slice_range: tuple[int, int] | None = None,
         segmentation_node=None, segment_name: str = "SAM-SP", segment_id: str | None = None,
         color: Sequence[float] = mrml.DEFAULT_COLOR, allow_download: bool = False, options=None,
-    ) -> Run:
+        target: str | None = None, force_target: bool = False, structure: int | None = None,
+    ) -> Run | BatchRun:
         """Prepare the output on the main thread, then queue the engine's segmentation job.
 
         Returns at once with a ``Run`` handle; slices appear as ``poll()`` applies them. A new
         segmentation node (linked to the volume) is made when none is given. The output is a
         new segment unless ``segment_id`` names one explicitly: then that whole segment is
         saved on the undo stack first, so overwriting it can be undone.
+
+        The target (named, else the default for the input; see ``choose_model``) names, colours and
+        tags the segment with its terminology. A target with several structures (ACDC: RV,
+        myocardium, LV) gives one run and one segment per structure, returned as a ``BatchRun``;
+        the warm Segmenter's slice cache encodes each slice once for all of them.
         """
         from ..core.predictor import SegmentOptions, resolve_axis
         from ..runtime.jobs import segmentation_job
@@ -111,9 +136,24 @@ class SAMSelfPromptLogic:
         start, stop = slice_range or (0, n)
         if not 0 <= start < stop <= n:
             raise InputError(f"slice range {start}..{stop - 1} is outside the volume's {n} slices")
-        choice = self.choose_model(volume, model, checkpoint)
+        choice = self.choose_model(volume, model, checkpoint, target, force_target)
         if segmentation_node is not None:
             mrml.check_same_grid(segmentation_node, volume_node)  # before anything in the scene changes
+        structures = choice.structures
+        if len(structures) > 1 and structure is None and not segment_id:
+            segmentation_node = segmentation_node or mrml.new_segmentation_for(volume_node)
+            same = dict(model=model, checkpoint=checkpoint, device=device, axis=axis, slice_range=slice_range,
+                        segmentation_node=segmentation_node, segment_name=segment_name, color=color,
+                        allow_download=allow_download, options=options, target=target, force_target=force_target)
+            return BatchRun([self.start_auto_segment(volume_node, structure=i, **same) for i in range(len(structures))])
+        terminology = None
+        if structures:
+            which = structures[structure or 0]
+            if segment_name == "SAM-SP":  # the default name: the structure's own
+                segment_name = which.name
+            if tuple(color) == tuple(mrml.DEFAULT_COLOR):
+                color = which.color
+            terminology = mrml.structure_terminology(which)
         if segmentation_node is None:
             segmentation_node = mrml.new_segmentation_for(volume_node)
         elif (not segmentation_node.GetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole())
@@ -123,9 +163,9 @@ class SAMSelfPromptLogic:
             self._push_undo(UndoState(volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(),
                                       segment_id, ax, None,
                                       mrml.segment_array(segmentation_node, segment_id, volume_node), {}))
-        sid = mrml.output_segment(segmentation_node, segment_name, segment_id, color)
-        opts = options or SegmentOptions()
-        opts.axis, opts.slice_range = ax, (start, stop)
+        sid = mrml.output_segment(segmentation_node, segment_name, segment_id, color, terminology)
+        opts = replace(options) if options is not None else SegmentOptions()
+        opts.axis, opts.slice_range, opts.structure = ax, (start, stop), structure or 0
         run = Run("segment", volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(), sid, ax,
                   total=stop - start, name=volume_node.GetName(), batch_size=opts.batch_size, model=choice.label)
         load = self._segmenter_loader(choice, device)
@@ -143,10 +183,12 @@ class SAMSelfPromptLogic:
         Takes the keyword arguments of ``start_auto_segment``. Raises ``RunFailed`` with the
         reason when the run fails or is cancelled.
         """
-        run = self.wait(self.start_auto_segment(volume_node, **kwargs), timeout)
-        if run.status != "done":
-            raise RunFailed(f"Auto-segment of {run.name} {run.status}: {run.error or run.message}")
-        return volume_node.GetScene().GetNodeByID(run.segmentation_id)
+        started = self.wait(self.start_auto_segment(volume_node, **kwargs), timeout)
+        runs = getattr(started, "runs", [started])  # one run per structure of a multi-structure target
+        for run in runs:
+            if run.status != "done":
+                raise RunFailed(f"Auto-segment of {run.name} {run.status}: {run.error or run.message}")
+        return volume_node.GetScene().GetNodeByID(runs[0].segmentation_id)
 
     def start_batch(self, volume_nodes: Sequence, **kwargs) -> BatchRun:
         """One run per volume, each into its own new segmentation, queued in order on the worker."""
@@ -154,7 +196,11 @@ class SAMSelfPromptLogic:
             raise InputError("no volumes to segment: load at least one volume")
         kwargs.pop("segmentation_node", None)
         kwargs.pop("segment_id", None)
-        return BatchRun([self.start_auto_segment(node, **kwargs) for node in volume_nodes])
+        runs: list[Run] = []
+        for node in volume_nodes:
+            started = self.start_auto_segment(node, **kwargs)
+            runs.extend(getattr(started, "runs", [started]))  # a multi-structure target gives several
+        return BatchRun(runs)
 
     # --- click correction and undo ----------------------------------------------------------------
     def start_correction(

@@ -84,6 +84,17 @@ def terminology_string(entry: Sequence[str] = DEFAULT_TERMINOLOGY) -> str:
         ctx, cat_v, cat_s, cat_m, typ_v, typ_s, typ_m, "", "", "", "", "", "", "", "", "", "")
 
 
+def structure_terminology(structure) -> str:
+    """Slicer's terminology string for a target's structure (weights.targets.Structure: SNOMED CT codes)."""
+    def parts(code):  # Structure keeps (scheme, value, meaning); Slicer takes value, scheme, meaning
+        return (code[1], code[0], code[2]) if code else ("", "", "")
+
+    region_context = "Anatomic codes - DICOM master list" if structure.region else ""
+    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
+        "Segmentation category and type - DICOM master list", *parts(structure.category), *parts(structure.type),
+        "", "", "", region_context, *parts(structure.region), "", "", "")
+
+
 def subject_hierarchy(scene):
     return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
 

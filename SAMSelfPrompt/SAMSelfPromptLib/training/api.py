@@ -87,7 +87,7 @@ def train_samples(
     if half == "auto" and val and config.mode == "cpu":
         state16 = {k: v.half().float() for k, v in result.model.trainable_state().items()}
         half_check = _val_dice_with(result.model, state16, val, cache, trace, cancel)
-        use_half = abs(half_check["samsp"] - result.best_val["samsp"]) <= HALF_TOLERANCE
+        use_half = abs(half_check["score"] - result.best_val["score"]) <= HALF_TOLERANCE
     meta: dict[str, Any] = {
         "modality": intensity.modality,
         "intensity": intensity.to_dict(),
@@ -110,7 +110,14 @@ def train_samples(
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "empty_y0_fallback": "whole-image box",
+        # Pass 1's predicted IoU below this means "structure absent" (selfprompt.absent), chosen on val.
+        "presence_threshold": float(result.best_val.get("presence_threshold", 0.0)),
+        "negatives": {"n_train": sum(not s.has_label for s in train),
+                      "loss": f"{config.negative_weight} * BCE toward 0 of the top 2% pass-1 logits",
+                      "presence": f"{config.presence_weight} * MSE of pass 1's IoU head to its mask's IoU (0 if absent)"},
     }
+    if result.model.n_structures > 1:
+        meta["n_structures"] = result.model.n_structures
     if config.mode == "paper":
         meta["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "target": "image_encoder qkv"}
     meta.update(extra_metadata or {})
@@ -177,7 +184,8 @@ def write_summary(checkpoint: str | Path, json_path: str | Path, extra: dict[str
 
     meta = read_samsp(checkpoint)["metadata"]
     keep = ("modality", "intensity", "intensity_note", "input_size", "base_model", "mode", "train_config", "optimizer",
-            "loss", "best_epoch", "val_metrics", "train_seconds", "fp16", "git_commit", "created", "empty_y0_fallback")
+            "loss", "best_epoch", "val_metrics", "train_seconds", "fp16", "git_commit", "created", "empty_y0_fallback",
+            "presence_threshold", "negatives", "n_structures", "target")
     summary = {k: meta.get(k) for k in keep}
     data = dict(meta.get("data", {}))
     data.pop("train_ids", None)

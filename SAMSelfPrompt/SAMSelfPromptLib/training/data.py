@@ -27,16 +27,20 @@ class Sample:
     mask: np.ndarray  # H x W bool
     intensity: Intensity
     spacing: tuple[float, float] = (1.0, 1.0)  # (row, col) pixel size, mm where known
+    structure: int = 0  # which structure of a multi-structure target the mask is (0 for one structure)
 
     @property
     def has_label(self) -> bool:
         return bool(self.mask.any())
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+def _read_picture(path: Path) -> np.ndarray:
+    """H x W x 3 for colour pictures, H x W for grey ones (ultrasound): as ``io.images`` reads them."""
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode in ("L", "1", "LA", "I;16", "I", "F"):
+            return np.asarray(im.convert("L") if im.mode in ("1", "LA") else im)
         return np.asarray(im.convert("RGB"))
 
 
@@ -75,16 +79,22 @@ def _find(folder: Path, case_id: str) -> Path:
 
 
 def load_folder(root: str | Path, split: str | None = None, ids: Iterable[str] | None = None) -> list[Sample]:
-    """2D image/mask pairs in the PH2 layout; images are RGB photographs used as they are."""
+    """2D image/mask pairs in the PH2 layout.
+
+    Colour pictures (dermoscopy) are used as they are; grey ones (ultrasound) get the intensity
+    handling Auto-segment gives a grey picture (``guess_intensity``: this image's percentiles), so
+    a model trained here sees at training what it sees in use.
+    """
     root = Path(root)
     ids = list(ids) if ids is not None else folder_ids(root, split)
     samples = []
     for case_id in ids:
-        image = _read_rgb(_find(root / "images", case_id))
+        image = _read_picture(_find(root / "images", case_id))
         mask = _read_mask(_find(root / "masks", case_id))
         if mask.shape != image.shape[:2]:
             raise InputError(f"{case_id}: mask shape {mask.shape} differs from image shape {image.shape[:2]}")
-        samples.append(Sample(case_id, image, mask, Intensity("RGB")))
+        intensity = Intensity("RGB") if image.ndim == 3 else guess_intensity(image[np.newaxis])
+        samples.append(Sample(case_id, image, mask, intensity))
     return samples
 
 

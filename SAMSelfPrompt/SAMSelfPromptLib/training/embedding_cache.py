@@ -6,6 +6,11 @@ weights (so a LoRA-tuned or different encoder never reads a stale entry). Entrie
 fp16 tensors written atomically with torch.save and read with weights_only=True;
 an unreadable entry is recomputed rather than trusted.
 
+The encoder is the one inference runs (``encoder_precision``): on a CPU with native bf16 that is
+the folded bf16 copy (``modeling.fast_encoder``, about 0.45 s per image here instead of 2.1 s for
+the fp32 trace), so a model trained on cached embeddings sees what Auto-segment will feed it.
+The precision is part of the key, so fp32 and bf16 entries never mix.
+
 On the CPU images are encoded one at a time: batch 1 is the fastest there (LiteMedSAM on 1 thread:
 4.8 s for four single images, 6.4 s for one batch of four) and it lets ``cancel`` stop the job
 between images. ``trace=False`` keeps the TorchScript tracer out (callers on a worker thread
@@ -24,7 +29,8 @@ import torch
 from ..errors import Cancelled
 from ..io.files import atomic_write, cache_dir
 from ..modeling.traced_encoder import encoder_for
-from ..modeling.backbones import SamBackbone
+from ..modeling.backbones import SamBackbone, resolve_precision
+from ..modeling.fast_encoder import fast_encoder
 from ..core.preprocess import Frame, normalize_slice, to_model_input
 from .data import Sample
 
@@ -53,6 +59,11 @@ def model_input(sample: Sample, image_size: int) -> tuple[torch.Tensor, Frame]:
     return to_model_input(normalize_slice(sample.image, sample.intensity), image_size)
 
 
+def encoder_precision(model: SamBackbone) -> str:
+    """The precision inference runs the encoder at on this model's device (bf16 on a bf16 CPU)."""
+    return resolve_precision(model.device)
+
+
 def cache_key(sample: Sample, model: SamBackbone) -> str:
     digest = hashlib.sha256()
     pixels = sample.image if sample.image.flags["C_CONTIGUOUS"] else sample.image.copy(order="C")
@@ -66,6 +77,9 @@ def cache_key(sample: Sample, model: SamBackbone) -> str:
         "model": model.spec.model_id,
         "encoder": encoder_fingerprint(model),
     }
+    precision = encoder_precision(model)
+    if precision != "fp32":  # fp32 keys stay as they were, so existing caches keep their entries
+        params["precision"] = precision
     digest.update(json.dumps(params, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -131,7 +145,7 @@ class DiskEmbeddingCache:
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc=desc, unit="img")
-        encode = encoder_for(model, len(todo)) if todo and trace else model.encode
+        encode = self._encoder(model, len(todo), trace) if todo else model.encode
         step = 1 if model.device.type == "cpu" else batch_size
         for start in range(0, len(todo), step):
             check_cancel(cancel)
@@ -147,6 +161,14 @@ class DiskEmbeddingCache:
             bar.close()
         out = [emb if emb is not None else out[first[key]] for emb, key in zip(out, keys)]
         return torch.stack(out), frames  # type: ignore[arg-type]
+
+    @staticmethod
+    def _encoder(model: SamBackbone, n_images: int, trace: bool):
+        """Inference's encoder: the folded bf16 copy on a bf16 CPU, else fp32 (traced for long runs)."""
+        precision = encoder_precision(model)
+        if model.device.type == "cpu" and precision != "fp32" and not model.image_encoder.training:
+            return fast_encoder(model, precision)
+        return encoder_for(model, n_images) if trace else model.encode
 
 
 def check_cancel(cancel: threading.Event | None) -> None:

@@ -46,3 +46,28 @@ def samsp_loss(
     kl = kl_logits(y0, y1)
     loss = dice + alpha * kl
     return loss, {"loss": float(loss.detach()), "dice_loss": float(dice.detach()), "kl": float(kl.detach())}
+
+
+def absence_loss(y0: torch.Tensor, top_fraction: float = 0.02) -> torch.Tensor:
+    """Pass 1 on an image without the structure must paint nothing.
+
+    BCE toward 0 over the ``top_fraction`` highest logits of each image: the pixels that would be
+    painted. A mean over all 65k pixels would let a small confident blob (the false positive that
+    matters) cost almost nothing.
+    """
+    flat = y0.float().flatten(1)
+    k = max(1, int(flat.shape[1] * top_fraction))
+    top = flat.topk(k, dim=1).values
+    return F.binary_cross_entropy_with_logits(top, torch.zeros_like(top))
+
+
+def presence_score_loss(predicted_iou: torch.Tensor, y0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The decoder's IoU head on pass 1 learns the IoU its own mask will have (0 where the structure is
+    absent): the presence score the guard and slice skipping read."""
+    with torch.no_grad():
+        pred = (y0 > 0).flatten(1)
+        tgt = target.bool().flatten(1)
+        union = (pred | tgt).sum(1).float()
+        iou = torch.where(union > 0, (pred & tgt).sum(1).float() / union.clamp(min=1.0), torch.ones_like(union))
+        iou = torch.where(tgt.any(1), iou, torch.zeros_like(iou))  # no structure: presence 0
+    return F.mse_loss(predicted_iou.float()[:, 0], iou)

@@ -15,14 +15,17 @@ import torch
 from ..errors import CheckpointError
 from ..io.files import atomic_write
 from ..modeling.backbones import MODEL_SPECS, SamBackbone, build_model, load_failure_reason
+from ..modeling.promise import attach_promise, promise_state
 
 FORMAT = "samselfprompt-checkpoint/1"
 
 
 def save_samsp(path: str | Path, model: SamBackbone, metadata: dict[str, Any], half: bool = False) -> Path:
     """Write a SAM-SP checkpoint atomically: base model id, trained tensors, metadata."""
+    # A ProMISe checkpoint (metadata "method": "promise") holds only its two small modules.
+    state = promise_state(model) if metadata.get("method") == "promise" else model.trainable_state()
     tensors = {k: (v.detach().to("cpu", torch.float16) if half and v.is_floating_point() else v.detach().cpu())
-               for k, v in model.trainable_state().items()}
+               for k, v in state.items()}
     payload = {
         "format": FORMAT,
         "base_model": model.spec.model_id,
@@ -68,8 +71,15 @@ def load_samsp(path: str | Path, base_weights: str | Path | None = None) -> tupl
         from ..modeling.lora import add_lora
 
         add_lora(model, rank=int(lora["rank"]), alpha=float(lora.get("alpha", lora["rank"])))
-    own = model.state_dict()
+    if meta.get("method") == "promise":  # ProMISe: APM + IPS beside the untouched backbone
+        attach_promise(model, meta.get("promise"))
     tensors = payload["tensors"]
+    if "structure_embed" in tensors:  # a multi-structure checkpoint: one no-prompt embedding each
+        model.set_structures(int(tensors["structure_embed"].shape[0]))
+    own = model.state_dict()
+    missing = sorted(set(promise_state(model)) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path}: ProMISe checkpoint lacks {len(missing)} module tensors (e.g. {missing[0]})")
     for key, value in tensors.items():
         if key not in own:
             raise CheckpointError(f"{path}: tensor {key} does not exist in base model {payload['base_model']}")
