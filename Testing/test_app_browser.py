@@ -203,6 +203,7 @@ def test_sample_auto_segment_click_undo_export_batch(page, tmp_path, capsys):
     image, truth = dermoscopy_sample()
     assert page.input_value("#ssp-volume") == "Sample dermoscopy"
     assert "samsp_ph2_litemedsam.pt" in text(page, "#ssp-choice")  # the catalogue's dermoscopy model
+    assert "Skin lesion" in text(page, "#ssp-target-description")
 
     status, seconds = auto_segment(page)
     assert status.startswith("Done: 1 slices written"), status
@@ -276,6 +277,9 @@ def test_ct_upload_cancel_click_undo_dicom_seg(page, tmp_path, capsys):
     n = volume.shape_kji[0]
     page.set_input_files("#ssp-upload", files)  # every file of the series, as a user picks them
     wait_text(page, "#ssp-choice", "samsp_ctliver_litemedsam.pt", timeout=60_000)  # the catalogue's CT model
+    # The target that fits a CT, described with its structure and terms, as the Slicer module shows it.
+    wait_text(page, "#ssp-target-description", "Liver (CT) [liver-ct]", timeout=30_000)
+    assert "Terms:" in text(page, "#ssp-target-description")
     series = page.input_value("#ssp-volume")
 
     # Cancel mid-run on slices 8..15, once the first slices are in the scene (they appear while the

@@ -82,7 +82,7 @@ def test_segment_dicom_series_to_seg_nrrd(capsys, tmp_path, ct_dicom_dir, ct_ref
     mask = assert_seg_nrrd_on_grid(out, ct)
     assert mask[9:11].any() and not mask[:9].any() and not mask[11:].any()  # only the requested slices
     seg = slicerio.read_segmentation(str(out))
-    assert [s["name"] for s in seg["segments"]] == ["SAM-SP"]
+    assert [s["name"] for s in seg["segments"]] == ["Liver"]  # the liver-ct target's structure
 
 
 def test_segment_script_writes_nifti_on_the_same_grid(tmp_path, ct_dicom_dir, ct_reference):
@@ -156,6 +156,7 @@ def _small_nifti(path: Path, value: int = 0) -> Path:
     rng = np.random.default_rng(value)
     img = rng.normal(100, 10, (1, 24, 32))
     img[0, 6:18, 8:24] += 150
+    img[0, :2] = -1000  # air: a CT by the kind rule (a grey image without HU is refused by the guard)
     sitk.WriteImage(sitk.GetImageFromArray(img.astype(np.int16)), str(path))
     return path
 

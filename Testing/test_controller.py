@@ -126,7 +126,7 @@ def test_auto_segment_runs_to_idle_with_progress(controller, logic, ct_node):
     written = mrml.segment_array(seg, run.segment_id, ct_node)
     assert not written[:18].any()
     assert controller.target_segment_id() == run.segment_id
-    assert "'SAM-SP'" in view.target_text
+    assert "'Liver'" in view.target_text  # the liver-ct target names its segment
     assert [v.apply_text for v in controller.views].count("Cancel") >= 1  # subscribers saw the running state
 
 
@@ -208,13 +208,13 @@ def test_rerun_new_segment_or_overwrite(controller, logic, ct_node):
     controller.wait(timeout=120)
     seg = controller.parameters.output_segmentation
     assert again.segmentation_id == first.segmentation_id and again.segment_id != first.segment_id
-    assert seg.GetSegmentation().GetSegment(again.segment_id).GetName() == "SAM-SP (2)"
+    assert seg.GetSegmentation().GetSegment(again.segment_id).GetName() == "Liver (2)"
     assert controller.target_segment_id() == again.segment_id  # clicks go to the newest result
 
     before = mrml.segment_array(seg, again.segment_id, ct_node)
     controller.parameters.rerun = OVERWRITE
     controller.parameters.first_slice = controller.parameters.last_slice = 10
-    assert "A re-run overwrites 'SAM-SP (2)'" in controller.refresh().target_text
+    assert "A re-run overwrites 'Liver (2)'" in controller.refresh().target_text
     third = controller.auto_segment()
     view = controller.wait(timeout=120)
     assert third.status == "done", third.error

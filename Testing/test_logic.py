@@ -104,8 +104,9 @@ def test_auto_segment_uses_the_shipped_model_and_writes_live(logic, ct_node, cap
     assert run.job.fn.__qualname__ == "segmentation_job.<locals>.run"  # the engine's one job path (test_jobs)
     assert the_segmenter(logic, run).trained
     segment = seg.GetSegmentation().GetSegment(run.segment_id)
-    assert segment.GetName() == "SAM-SP" and segment.HasTag(mrml.SOURCE_TAG)
-    assert "SCT^85756007^Tissue" in segment.GetTerminology()
+    # Named, coloured and tagged as the target it is (liver-ct: SNOMED CT 10200004 Liver).
+    assert segment.GetName() == "Liver" and segment.HasTag(mrml.SOURCE_TAG)
+    assert "10200004" in segment.GetTerminology() and "Liver" in segment.GetTerminology()
     # reference geometry and subject hierarchy: what DICOM-SEG export needs
     assert seg.GetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole()) == ct_node.GetID()
     geometry = seg.GetSegmentation().GetConversionParameter("Reference image geometry")
@@ -296,10 +297,10 @@ def test_save_seg_nrrd_and_read_back(logic, ct_node, tmp_path):
     path = mrml.save_segmentation(seg, tmp_path / "out.seg.nrrd")
     data = slicerio.read_segmentation(str(path))
     names = {s["name"]: s for s in data["segments"]}
-    assert {"my liver", "my spleen", "SAM-SP"} <= set(names)
+    assert {"my liver", "my spleen", "Liver"} <= set(names)  # ours is named after the target's structure
     voxels = data["voxels"]
     assert data.get("ijkToLPS") is not None
-    for name, sid in (("SAM-SP", run.segment_id), ("my liver", user_id)):
+    for name, sid in (("Liver", run.segment_id), ("my liver", user_id)):
         info = names[name]
         layer = voxels[info.get("layer", 0)] if voxels.ndim == 4 else voxels
         on_disk = (layer == info["labelValue"]).transpose(2, 1, 0)  # nrrd is i, j, k

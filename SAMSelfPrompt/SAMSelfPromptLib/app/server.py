@@ -47,13 +47,10 @@ POLL_S = 0.1  # the tick period (the Qt widget's timer runs at 100 ms too)
 LAYOUTS = ("Axial Only", "Axial Primary", "Quad View")
 
 
-def shipped_targets() -> list[dict[str, str]]:
-    """The target choice: the catalogue's default for the input, or one shipped prompt-free model."""
-    from ..weights.catalogue import shipped_models
-
-    items = [{"title": "Default for the input (catalogue)", "value": ""}]
-    items += [{"title": f"{m.name} ({m.modality})", "value": str(m.path)} for m in shipped_models() if m.role == "auto"]
-    return items
+def target_items(choices) -> list[dict[str, str]]:
+    """The target menu from the controller's view: the default for the input, then each target that fits."""
+    items = [{"title": f"Default: {choices[0][1]}" if choices else "Default for the input", "value": ""}]
+    return items + [{"title": text, "value": name} for name, text in choices]
 
 
 class SAMSelfPromptWebApp(TrameApp):
@@ -173,7 +170,8 @@ class SAMSelfPromptWebApp(TrameApp):
         s.trame__title = "SAM Self-Prompt"
         s.ssp_volumes, s.ssp_volume_id = [], None
         s.ssp_batch_all = False
-        s.ssp_targets, s.ssp_target = shipped_targets(), ""
+        s.ssp_targets, s.ssp_target = target_items(()), ""
+        s.ssp_force_target = False
         s.ssp_models, s.ssp_model = list(MODEL_CHOICES), self.parameters.model
         s.ssp_choice = ""
         s.ssp_first_slice, s.ssp_last_slice = "0", ""
@@ -195,10 +193,11 @@ class SAMSelfPromptWebApp(TrameApp):
         self.parameters.rerun = ssp_rerun if ssp_rerun in RERUN_CHOICES else NEW_SEGMENT
         self.controller.refresh()
 
-    @change("ssp_model", "ssp_target")
-    def _on_model(self, ssp_model, ssp_target, **_):
+    @change("ssp_model", "ssp_target", "ssp_force_target")
+    def _on_model(self, ssp_model, ssp_target, ssp_force_target, **_):
         self.parameters.model = ssp_model or "litemedsam"
-        self.parameters.checkpoint = ssp_target or ""
+        self.parameters.target = ssp_target or ""
+        self.parameters.force_target = bool(ssp_force_target)
         self._update_choice()
         self.controller.refresh()
 
@@ -232,7 +231,8 @@ class SAMSelfPromptWebApp(TrameApp):
             self.state.ssp_choice = ""
             return
         try:
-            choice = self.logic.choose_model(self.logic.volume(p.input_volume), p.model, p.checkpoint or None)
+            choice = self.logic.choose_model(self.logic.volume(p.input_volume), p.model, p.checkpoint or None,
+                                             (p.target or None) if not p.checkpoint else None, bool(p.force_target))
             self.state.ssp_choice = f"Runs: {choice.label} ({choice.kind} input)"
         except SamSelfPromptError as exc:
             self.state.ssp_choice = f"Cannot run: {exc}"
@@ -315,7 +315,11 @@ class SAMSelfPromptWebApp(TrameApp):
             "progress_text": f"{done} / {total} {view.progress_unit}" if total else "",
             "eta_text": view.eta_text, "status_text": view.status_text,
             "error_text": view.error_text, "target_text": view.target_text,
+            "target_description": view.target_description,
         }
+        items = target_items(view.target_choices)
+        if items != self.state.ssp_targets:
+            self.state.ssp_targets = items
         self._update_export()
 
     def _start_ticks(self, **_) -> None:
@@ -376,6 +380,10 @@ class SAMSelfPromptWebApp(TrameApp):
                 v3.VSelect(id="ssp-model", label="Backbone", v_model=("ssp_model",), items=("ssp_models",),
                            disabled=("ssp_view.busy",), **dense)
                 html.Div("{{ ssp_choice }}", id="ssp-choice", classes="text-caption text-medium-emphasis")
+                html.Div("{{ ssp_view.target_description }}", id="ssp-target-description",
+                         classes="text-caption text-medium-emphasis")
+                v3.VCheckbox(id="ssp-force-target", label="Run the target even if this input is not what it was "
+                             "trained for", v_model=("ssp_force_target",), disabled=("ssp_view.busy",), **dense)
                 with html.Div(classes="d-flex ga-2"):
                     v3.VTextField(id="ssp-first", label="First slice", v_model=("ssp_first_slice",), type="number",
                                   disabled=("ssp_view.busy",), **dense)

@@ -233,7 +233,17 @@ def run_evaluate(args) -> int:
     from ..training.data import load_folder
 
     torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))
-    if args.image:
+    spec = None
+    if args.target:
+        from ..training.targets import target_samples
+        from ..weights.catalogue import find_target
+        from ..weights.targets import target_spec
+
+        spec = target_spec(args.target)
+        samples = target_samples(spec, args.data_root, args.split or "val")
+        if not args.checkpoint:
+            args.checkpoint = str(find_target(spec.name).path)
+    elif args.image:
         samples = _volume_samples(args.image, args.label, args.label_id, args.ct_window)
     elif args.data:
         samples = load_folder(args.data, args.split)
@@ -242,16 +252,27 @@ def run_evaluate(args) -> int:
     device = pick_device(args.device)
     vanilla = build_model().to(device)
     ckpt = args.checkpoint or str(DEFAULT_PH2_CHECKPOINT)
-    trained = {} if ckpt == "none" else {"samsp": load_samsp(ckpt)[0].to(device)}
+    trained, thresholds = {}, {}
+    if ckpt != "none":
+        model, meta = load_samsp(ckpt)
+        trained["samsp"] = model.to(device)
+        thresholds["samsp"] = float(meta.get("presence_threshold") or 0.0)
     if args.promise_checkpoint:
         trained["promise"] = load_samsp(args.promise_checkpoint)[0].to(device)
     if args.alpha0_checkpoint:
         trained["samsp_alpha0"] = load_samsp(args.alpha0_checkpoint)[0].to(device)
     if args.no_self_prompt_checkpoint:
         trained["no_self_prompt"] = load_samsp(args.no_self_prompt_checkpoint)[0].to(device)
-    result = evaluate_samples(vanilla, trained, samples, _cache(args), progress=True)
+    result = evaluate_samples(vanilla, trained, samples, _cache(args), progress=True,
+                              presence_thresholds=thresholds)
     print(result.markdown())
     out = result.to_json()
+    if spec is not None:
+        out["target"] = spec.name
+        if spec.layout == "3d":
+            out["volumes"] = result.volume_metrics([s.case_id for s in samples], [s.mask for s in samples],
+                                                   [spec.structures[s.structure].name for s in samples])
+            print(result.volume_markdown(out["volumes"]))
     out["checkpoint"] = ckpt
     if args.promise_checkpoint:
         out["promise_checkpoint"] = args.promise_checkpoint

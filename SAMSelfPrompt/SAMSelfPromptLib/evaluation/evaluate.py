@@ -164,9 +164,47 @@ def to_masks(logits: torch.Tensor, frames: Sequence[Frame]) -> list[np.ndarray]:
 class EvalResult:
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
     cases: list[dict] = field(default_factory=list)
+    predictions: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False)  # row -> slice masks
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "cases": self.cases}
+
+    def volume_metrics(self, case_ids: Sequence[str], masks: Sequence[np.ndarray],
+                       structures: Sequence[str]) -> dict[str, dict[str, float]]:
+        """3D Dice per row and structure, averaged over volumes, plus the false-positive slice rate.
+
+        ``case_ids`` are "volume:k:structure" (training.targets); ``self.predictions`` holds each row's
+        slice masks (score_rows keeps them). A volume's 3D Dice counts every voxel of every slice.
+        """
+        out: dict[str, dict[str, float]] = {}
+        volumes = [c.split(":")[0] for c in case_ids]
+        for row, preds in self.predictions.items():
+            for structure in sorted(set(structures)):
+                dices, fp, neg = [], 0, 0
+                for vol in sorted(set(volumes)):
+                    idx = [i for i in range(len(case_ids)) if volumes[i] == vol and structures[i] == structure]
+                    if not idx:
+                        continue
+                    pred = np.concatenate([preds[i].ravel() for i in idx])
+                    truth = np.concatenate([np.asarray(masks[i], bool).ravel() for i in idx])
+                    if truth.any():
+                        dices.append(dice(pred, truth))
+                    for i in idx:
+                        if not np.asarray(masks[i]).any():
+                            neg += 1
+                            fp += bool(preds[i].any())
+                out[f"{row}/{structure}"] = {"dice3d": float(np.mean(dices)) if dices else float("nan"),
+                                            "n_volumes": len(dices), "fp_slices": fp, "n_negative": neg,
+                                            "fp_rate": fp / neg if neg else 0.0}
+        return out
+
+    @staticmethod
+    def volume_markdown(volumes: dict[str, dict[str, float]]) -> str:
+        lines = ["| row / structure | 3D Dice | volumes | FP slices | FP rate |", "|---|---|---|---|---|"]
+        for key, m in volumes.items():
+            lines.append(f"| {key} | {m['dice3d']:.4f} | {m['n_volumes']} | {m['fp_slices']}/{m['n_negative']} | "
+                         f"{m['fp_rate']:.1%} |")
+        return "\n".join(lines)
 
     def markdown(self) -> str:
         extra = any("fp_slices" in r for r in self.rows.values())
@@ -196,6 +234,7 @@ def score_rows(
         if row == "fallback":
             continue
         preds = to_masks(lg, frames)
+        result.predictions[row] = preds
         per = []
         for i in positive:
             m = case_metrics(preds[i], np.asarray(masks[i], bool), spacings[i])

@@ -288,7 +288,14 @@ class ModuleController:
         if self.output[0] == seg.GetID() and segmentation.GetSegment(self.output[1]) is not None:
             return self.output[1]
         sid = segmentation.GetSegmentIdBySegmentName(self.parameters.segment_name or "SAM-SP")
-        return sid or None
+        if sid:
+            return sid
+        # A target names its segments after its structures ("Liver"): the last segment this module made.
+        from . import mrml
+
+        ours = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+                if mrml.segment_tag(segmentation.GetNthSegment(i), mrml.SOURCE_TAG) is not None]
+        return ours[-1] if ours else None
 
     def _slice_range_for(self, volume_node) -> tuple[int, int] | None:
         p = self.parameters

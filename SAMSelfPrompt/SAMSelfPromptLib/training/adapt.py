@@ -5,8 +5,8 @@ contain it) and slices they mark as empty. Adapt then
 
 1. picks **negatives** (``negative_slices``): every slice marked empty, plus slices outside the
    extent. Without an extent a default one is assumed for this purpose only: the annotated span
-   widened on each side by ``max(span, DEFAULT_MARGIN_MM of slices, 2 slices)``; slices beyond it
-   are taken to be empty. At most ``max_negatives`` are used, spread from the nearest to the
+   widened on each side by ``max(span / 2, DEFAULT_MARGIN_MM of slices, 2 slices)``; slices beyond
+   it are taken to be empty (a guess: give the extent when the structure is long along the axis). At most ``max_negatives`` are used, spread from the nearest to the
    farthest on each side (the nearest teach the model where the target ends);
 2. **trains** (cpu mode: frozen encoder, cached embeddings, bf16 decoder steps) on the k annotated
    slices and the negatives. A negative is an empty mask, so the trainer's presence training
@@ -41,14 +41,15 @@ from .data import Sample
 from .embedding_cache import DiskEmbeddingCache, cache_key, check_cancel, model_input
 from .trainer import TrainConfig, train
 
-DEFAULT_MARGIN_MM = 40.0  # without an extent: slices this far (or the annotated span) beyond the outlines are negatives
+DEFAULT_MARGIN_MM = 30.0  # without an extent: slices this far (or half the annotated span) beyond the outlines are negatives
 
 
 @dataclass
 class AdaptConfig:
-    steps: int = 36  # optimiser steps, whatever k is
+    steps: int = 48  # optimiser steps, whatever k is
     batch_size: int = 2
     lr: float = 5e-4
+    y0_weight: float = 1.0  # balanced BCE on pass 1 too (trainer.TrainConfig.y0_weight): it must come alive in few steps
     max_negatives: int = 6
     patience: int = 1  # absent slices in a row that end the outward run
     precision: str = "auto"  # bf16 decoder training where the CPU has it (trainer.TrainConfig.precision)
@@ -61,7 +62,7 @@ class AdaptConfig:
 def default_extent(annotated: Sequence[int], n_slices: int, slice_mm: float = 1.0) -> tuple[int, int]:
     """The extent assumed for picking negatives when the user gives none (the rule in the module doc)."""
     lo, hi = min(annotated), max(annotated)
-    margin = max(hi - lo, math.ceil(DEFAULT_MARGIN_MM / max(float(slice_mm), 1e-6)), 2)
+    margin = max(math.ceil((hi - lo) / 2), math.ceil(DEFAULT_MARGIN_MM / max(float(slice_mm), 1e-6)), 2)
     return max(0, lo - margin), min(n_slices - 1, hi + margin)
 
 
@@ -190,14 +191,19 @@ def adapt_model(
     empty_outlines = [k for k in ks if not np.asarray(annotations[k]).any()]
     if len(empty_outlines) == len(ks):
         raise InputError("every outlined slice is empty: outline the target on at least one slice")
-    bs = max(1, min(config.batch_size, len(samples)))
-    per_epoch = max(1, len(samples) // bs)
+    # Positives repeated to match the negatives, so "absent" cannot win by numbers: with 3 outlines
+    # and 6 negatives the model otherwise learns to paint nothing anywhere (measured on LA-MRI).
+    positives, negatives = samples[:len(ks)], samples[len(ks):]
+    train_set = positives * max(1, math.ceil(len(negatives) / len(positives))) + negatives
+    bs = max(1, min(config.batch_size, len(train_set)))
+    per_epoch = max(1, len(train_set) // bs)
     epochs = max(2, math.ceil(config.steps / per_epoch))
     tc = TrainConfig(mode="cpu", epochs=epochs, batch_size=bs, lr=config.lr, warmup_steps=2, seed=config.seed,
-                     precision=config.precision, val_from=max(1, epochs - 1))
+                     precision=config.precision, val_from=max(1, epochs - 1),
+                     y0_weight=config.y0_weight)
     t1 = time.time()
     mem = _MemoryCache(emb, samples)
-    result = train(model, samples, samples, tc, cache=mem, progress=False, log=log, trace=False, cancel=cancel)
+    result = train(model, train_set, samples, tc, cache=mem, progress=False, log=log, trace=False, cancel=cancel)
     train_seconds = time.time() - t1
     threshold = float(result.best_val.get("presence_threshold", 0.0))
     return AdaptOutcome(result.model, threshold, ks, negs, extent, time.time() - t0, embed_seconds, train_seconds,
@@ -245,14 +251,23 @@ def segment_adapted(
 
 
 def start_checkpoint(kind: str) -> tuple[str, Path | None]:
-    """The start for Adapt on an input of ``kind`` ("MR", "CT", ...): the nearest shipped
-    prompt-free target of that kind (name, checkpoint), else ("vanilla", None)."""
+    """The start for Adapt on an input of ``kind`` ("MR", "CT", ...): (name, checkpoint).
+
+    The nearest shipped prompt-free SAM-SP target: one of the same kind, else (a grey image) the CT
+    one, else any; vanilla (name "vanilla", None) only when none is shipped. A trained start matters
+    more than its modality: its pass 1 already localises *something*, and a few dozen steps move it
+    to the new target, while vanilla's pass 1 is empty everywhere and does not come alive in that
+    budget (measured, docs/RESULTS.md, Adapt).
+    """
     from ..weights.catalogue import shipped_models
 
-    for m in shipped_models():
-        if m.role == "auto" and m.modality == kind.upper() and not m.summary.get("method") == "promise":
-            return m.name, m.path
-    return "vanilla", None
+    models = [m for m in shipped_models() if m.role == "auto" and m.summary.get("method", "samsp") == "samsp"
+              and not (m.summary.get("target") or {}).get("adapted")]
+    for want in (kind.upper(), "CT" if kind.upper() != "RGB" else "RGB"):
+        for m in models:
+            if m.modality == want:
+                return m.name, m.path
+    return (models[0].name, models[0].path) if models else ("vanilla", None)
 
 
 def adapted_metadata(name: str, kind: str, outcome: AdaptOutcome, intensity: Intensity, start: str,

@@ -50,7 +50,10 @@ def target_samples(spec: TargetSpec, data_root: str | Path, split: str) -> list[
     ids = split_ids(root, split)
     train = split == "train"
     if spec.layout == "2d":
-        limit = spec.recipe.get("max_train") if train else None
+        # A CPU budget: the first n ids of the split (splits.json lists them in a seeded random order).
+        limit = spec.recipe.get("max_train" if train else "max_val")
         return load_folder(root, ids=ids[:limit] if limit else ids)
     step = int(spec.recipe.get("train_slice_step", 1)) if train else 1
+    if not train and spec.recipe.get("val_volumes"):  # a CPU budget: the first n val volumes, every slice
+        ids = ids[:int(spec.recipe["val_volumes"])]
     return [s for case in volume_cases(spec, root, ids, step) for s in case]

@@ -37,7 +37,7 @@ from ..core.preprocess import Frame, mask_to_low_res
 from ..core.selfprompt import box_from_logits
 from .data import Sample
 from .embedding_cache import DiskEmbeddingCache, check_cancel, model_input
-from .losses import absence_loss, dice_loss, presence_score_loss, samsp_loss
+from .losses import absence_loss, balanced_bce, dice_loss, presence_score_loss, samsp_loss
 
 
 @dataclass
@@ -76,6 +76,10 @@ class TrainConfig:
     # native bf16 (2x faster per step here: 1.46 vs 2.86 s for a batch-4 two-pass step; the
     # losses stay fp32), else fp32. GPUs always use autocast.
     precision: str = "auto"
+    # A class-balanced BCE of y0 against y (losses.balanced_bce) on the images with the structure, with
+    # this weight, beside SAM-SP's KL (Adapt: few steps on few slices). The KL is a mean over all
+    # pixels, so on a small structure it moves pass 1 off "empty" slowly; 0 keeps the plain SAM-SP loss.
+    y0_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,6 +221,10 @@ def presence_aware_loss(y0: torch.Tensor, y1: torch.Tensor | None, presence: tor
     parts: dict[str, float] = {}
     if n_pos and y1 is not None:
         pos_loss, parts = samsp_loss(y0[positive], y1, y[positive], config.alpha)
+        if config.y0_weight:
+            b0 = balanced_bce(y0[positive], y[positive])
+            pos_loss = pos_loss + config.y0_weight * b0
+            parts["y0_bce"] = float(b0.detach())
         loss = loss + pos_loss * (n_pos / n)
     if n_pos < n and config.negative_weight:
         neg = absence_loss(y0[~positive])
