@@ -188,3 +188,152 @@ def test_failed_adapt_removes_its_temp_folder(logic, ct_node, sandbox):
                      timeout=300)
     assert run.status == "failed"
     assert leftovers(cache, tmp) == []
+
+
+# --- Adapt to a new target (issue 12): negatives, extent, the saved user target -----------------------
+
+LA_CASE = "23X6SY44VT9KFHR7S7OC"  # la_mri val: the atrium is on slices 19..86 of 88 (LPS order)
+CROP = (slice(12, 31), slice(40, 136), slice(30, 126))  # 19 slices (atrium on 7..18), 96 x 96 in-plane
+
+
+@pytest.fixture(scope="module")
+def la_crop():
+    """A small real LGE-MRI crop and its left-atrium mask, in read_volume's (LPS) K x J x I order."""
+    from conftest import shared_path
+    from SAMSelfPromptLib.training.data import read_volume
+
+    image, spacing = read_volume(shared_path("la_mri", "images", f"{LA_CASE}.nii.gz"))
+    labels, _ = read_volume(shared_path("la_mri", "labels", f"{LA_CASE}.nii.gz"))
+    image, truth = image[CROP], labels[CROP] == 1
+    ks = np.flatnonzero(truth.reshape(len(truth), -1).any(1))
+    assert ks[0] == 7 and ks[-1] == 18, ks  # the crop the tests below assume
+    return image, truth, spacing
+
+
+def test_negatives_only_outside_the_extent():
+    """Negatives: marked-empty slices and slices outside the extent, never an outline or a slice inside."""
+    from SAMSelfPromptLib.training.adapt import default_extent, negative_slices
+
+    for n, outlines, extent, empty in ((88, [30, 53, 75], (19, 86), ()), (19, [9, 14], (7, 18), ()),
+                                       (25, [9, 11, 13], (8, 14), (2, 20)), (40, [20], (10, 30), (5,))):
+        negs = negative_slices(n, outlines, extent, empty, max_negatives=6)
+        assert negs and len(negs) <= 6
+        assert all(k in empty or not extent[0] <= k <= extent[1] for k in negs), (negs, extent)
+        assert not set(negs) & set(outlines) and set(empty) <= set(negs)
+    # 19 slices below, 1 above: both sides are used, nearest and farthest of the long side included.
+    assert negative_slices(88, [30, 53, 75], (19, 86), max_negatives=6) == [0, 4, 9, 14, 18, 87]
+    # An extent that does not hold an outline, or a slice both outlined and marked empty, is refused.
+    with pytest.raises(InputError, match="outside the extent"):
+        negative_slices(40, [5, 20], (10, 30))
+    with pytest.raises(InputError, match="both outlined and marked empty"):
+        negative_slices(40, [20], (10, 30), empty=(20,))
+    # No extent: the default widens the outlined span by one mean gap between outlines (documented).
+    assert default_extent([30, 53, 75], 88) == (7, 87)
+    assert negative_slices(88, [30, 53, 75], None, max_negatives=6) == [0, 1, 2, 4, 5, 6]
+    assert negative_slices(88, [53], None, slice_mm=0.625) == [0, 1, 2, 3, 4]  # k = 1: 30 mm
+
+
+def test_growing_never_writes_outside_the_extent_and_stops_where_absent():
+    """The outward run stops at the first absent slice or at the extent, whatever the model paints."""
+    from SAMSelfPromptLib.core.extent import grow_from_annotations
+
+    everywhere = np.ones((4, 4), bool)
+    seen: list[int] = []
+
+    def always(k):  # a model that paints every slice it is asked about
+        seen.append(k)
+        return everywhere
+
+    res = grow_from_annotations(always, 30, {10: everywhere, 14: everywhere}, extent=(8, 17))
+    assert sorted(res.masks) == list(range(8, 18)) and min(seen) >= 8 and max(seen) <= 17
+    present = set(range(5, 21)) - {12}  # absent at 12 (between outlines: skipped, not a stop) and beyond 20
+
+    def model(k):
+        return everywhere if k in present else None
+
+    res = grow_from_annotations(model, 30, {10: everywhere, 14: everywhere})
+    assert sorted(res.masks) == [k for k in range(5, 21) if k != 12]
+    assert res.stopped == {"down": 4, "up": 21} and 0 not in res.visited and 29 not in res.visited
+    with pytest.raises(InputError, match="outside the extent"):
+        grow_from_annotations(model, 30, {10: everywhere}, extent=(11, 20))
+
+
+def test_adapt_on_real_slices_trains_outside_negatives_and_paints_inside_only(la_crop, tmp_path):
+    """Real LiteMedSAM (shipped start), real LGE-MRI: 2 outlines, the extent given; few steps (lean)."""
+    from SAMSelfPromptLib.core.preprocess import guess_intensity
+    from SAMSelfPromptLib.training.adapt import (AdaptConfig, SliceEmbeddings, adapt_model, segment_adapted,
+                                                 start_checkpoint)
+    from SAMSelfPromptLib.training.api import base_model
+
+    image, truth, spacing = la_crop
+    intensity = guess_intensity(image)
+    name, path = start_checkpoint("MR")
+    assert path is not None, "a shipped target is the start (vanilla only when none is shipped)"
+    model = base_model(path, device="cpu")
+    emb = SliceEmbeddings(model, image, intensity, DiskEmbeddingCache(tmp_path))
+    outlines = {10: truth[10], 15: truth[15]}
+    out = adapt_model(model, image, outlines, intensity, (7, 18), config=AdaptConfig(steps=4, max_negatives=2),
+                      embeddings=emb, slice_mm=spacing[0])
+    assert out.negatives == [0, 6] and out.annotated == [10, 15] and emb.encoded == 4
+    pred, grown = segment_adapted(out.model, emb, outlines, out.presence_threshold, (7, 18))
+    assert not pred[:7].any() and all(7 <= k <= 18 for k in grown.visited)
+    assert (pred[10] == truth[10]).all() and (pred[15] == truth[15]).all()  # the outlines are kept as drawn
+
+
+def test_write_like_keeps_the_input_grid(tmp_path):
+    """train --segment-out writes on the input's own grid (size, spacing, origin, direction), not LPS."""
+    import SimpleITK as sitk
+
+    from SAMSelfPromptLib.training.data import read_volume
+    from SAMSelfPromptLib.training.fewshot import write_like
+
+    arr = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
+    img = sitk.GetImageFromArray(arr)
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    img.SetSpacing((0.5, 0.7, 2.0))
+    img.SetOrigin((1.0, 2.0, 3.0))
+    src = tmp_path / "in.nii.gz"
+    sitk.WriteImage(img, str(src))
+    lps, _ = read_volume(src)
+    write_like(str(src), (lps % 7).astype(np.uint8), str(tmp_path / "out.nii.gz"))
+    out = sitk.ReadImage(str(tmp_path / "out.nii.gz"))
+    assert out.GetSize() == img.GetSize() and np.allclose(out.GetDirection(), img.GetDirection())
+    assert np.allclose(out.GetSpacing(), img.GetSpacing()) and np.allclose(out.GetOrigin(), img.GetOrigin())
+    assert (sitk.GetArrayFromImage(out) == arr % 7).all()
+
+
+def test_adapted_target_round_trips_is_listed_and_runs_in_batch(logic, la_crop, sandbox):
+    """Slicer path: outline 2 slices, give the extent, Adapt names and saves a user target, writes the rest
+    into a new segment inside the extent only; the model loads, is listed, and segments another volume."""
+    import slicer
+
+    from SAMSelfPromptLib.training.adapt import AdaptConfig
+    from SAMSelfPromptLib.weights.catalogue import target_of_checkpoint
+    from SAMSelfPromptLib.weights.checkpoint import load_samsp
+
+    image, truth, _ = la_crop
+    node = slicer.util.addVolumeFromArray(image.astype(np.float32), name="LA crop")
+    seg = mrml.new_segmentation_for(node, "outlines")
+    sid = seg.GetSegmentation().AddEmptySegment("", "atrium", [0.8, 0.3, 0.5])
+    for k in (10, 15):
+        mrml.write_slice(seg, sid, node, 0, k, truth[k])
+    out = sandbox[0].parent / "adapted"
+    run = logic.wait(logic.start_adapt_target(node, seg, sid, "atrium (mine)", extent=(7, 18), axis=0, device="cpu",
+                                              out_dir=out, config=AdaptConfig(steps=4, max_negatives=2)), timeout=900)
+    assert run.status == "done", run.error + run.traceback
+    path = Path(run.result["checkpoint"])
+    assert path == out / "atrium-mine.pt" and run.segment_id != sid
+    painted = mrml.segment_array(seg, run.segment_id, node)
+    assert not painted[:7].any() and painted[10].any()  # nothing outside the extent; the outlines are in
+    assert (mrml.segment_array(seg, sid, node)[[10, 15]] == truth[[10, 15]]).all()  # the user's segment is untouched
+    model, meta = load_samsp(path)  # the checkpoint format round-trips
+    assert meta["role"] == "auto" and meta["target"]["name"] == "atrium (mine)" and meta["target"]["user"]
+    assert meta["adapt"]["extent"] == [7, 18] and set(meta["adapt"]["negative_slices"]) <= {0, 1, 2, 3, 4, 5, 6}
+    target = target_of_checkpoint(path)
+    assert target is not None and target.user and target.kinds == ("MR",)
+    assert "atrium (mine)" in [t.name for t in logic.targets_for(node)]
+    other = slicer.util.addVolumeFromArray(image[5:9].astype(np.float32), name="another volume")
+    batch = logic.start_batch([other], target="atrium (mine)", device="cpu")
+    for r in batch.runs:
+        assert logic.wait(r, timeout=600).status == "done", r.error + r.traceback
+    assert leftovers(*sandbox) == []  # the training slices' embeddings lived in a temp folder, now gone

@@ -45,7 +45,12 @@ def test_ui_parameters_match_the_parameter_node():
     import SAMSelfPrompt
 
     names = {p.findtext("string") for p in ui_tree().iter("property") if p.get("name") == "SlicerParameterName"}
-    assert names == set(SAMSelfPrompt.SAMSelfPromptParameterNode.declared)
+    # "target" is wired in code: its menu lists the targets that fit the volume (item data = target name).
+    wired_in_code = {"target"}
+    assert names | wired_in_code == set(SAMSelfPrompt.SAMSelfPromptParameterNode.declared)
+    source = (MODULE / "SAMSelfPrompt.py").read_text()
+    assert "targetComboBox.currentIndexChanged.connect(self._onTargetChosen)" in source
+    assert "self.controller.parameters.target = name" in source
 
 
 def test_parameter_node_mirrors_the_controller_parameters():

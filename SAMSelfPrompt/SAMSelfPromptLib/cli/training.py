@@ -69,7 +69,13 @@ def register(subparsers) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--fewshot-slices", type=int, nargs="+", default=None,
                    help="3D few-shot: train only on these slice indices (k) of --image, then segment the rest")
-    t.add_argument("--segment-out", help="few-shot: write the segmented label volume here")
+    t.add_argument("--segment-out", help="few-shot: write the segmented label volume here (on --image's own grid)")
+    t.add_argument("--extent", type=int, nargs=2, metavar=("FIRST", "LAST"), default=None,
+                   help="few-shot (Adapt): the first and last slice that contain the target; slices outside are "
+                        "negatives and nothing is written there (default: a guess, see training/adapt.py)")
+    t.add_argument("--empty-slices", type=int, nargs="+", default=(), metavar="K",
+                   help="few-shot (Adapt): slices known to be empty (trained as negatives)")
+    t.add_argument("--name", help="few-shot (Adapt): the target's name in the saved model (default: the output file's stem)")
     t.set_defaults(func=run_train)
 
     e = subparsers.add_parser("evaluate", help="Dice/IoU/HD95 of vanilla prompting vs SAM-SP")

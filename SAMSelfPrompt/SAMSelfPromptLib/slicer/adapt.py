@@ -167,3 +167,108 @@ def _start_model(model: str, checkpoint):
             raise  # missing or unreadable: say so rather than silently start from scratch
         return build_model(model, checkpoint)
     return load_samsp(checkpoint)[0]
+
+
+# --- Adapt to a new target: a few outlined slices of one volume, optional extent, then the rest ---------
+
+def outlined_slices(volume_node, segmentation_node, segment_id: str, axis: str | int = "auto",
+                    allow_model_output: bool = False):
+    """Main thread: (Volume, array axis, {slice index: mask}) of every slice the segment has voxels on.
+
+    Masks are on the stored slice grid, as ``mrml.write_slice`` takes them."""
+    from ..core.predictor import resolve_axis, take_slice
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+    if segment is None:
+        raise InputError(f"choose the segment you outlined in {segmentation_node.GetName()}")
+    if not allow_model_output and mrml.segment_tag(segment, mrml.SOURCE_TAG) is not None:
+        raise InputError(f"'{segment.GetName()}' is SAM-SP's own output: outline the target yourself on a few slices "
+                         "(or confirm you corrected this one) before Adapt.")
+    volume = mrml.volume_from_node(volume_node)
+    ax = resolve_axis(volume, axis)
+    mask = mrml.segment_array(segmentation_node, segment_id, volume_node)
+    outlines = {k: take_slice(mask, ax, k).astype(bool) for k in range(mask.shape[ax]) if take_slice(mask, ax, k).any()}
+    if not outlines:
+        raise InputError(f"'{segment.GetName()}' is empty: outline the target on a few slices first")
+    return volume, ax, outlines
+
+
+def safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.strip().lower()).strip("-")
+    return keep or "adapted"
+
+
+def adapt_target_job(volume, axis: int, outlines: dict, name: str, extent: tuple[int, int] | None = None,
+                     empty_slices: Sequence[int] = (), out_dir=None, device: str = "auto", segment_rest: bool = True,
+                     config=None):
+    """The worker function of Adapt to a new target (``training.adapt``): train from the nearest shipped
+    target on the outlined slices (+ negatives from ``empty_slices`` and outside ``extent``), save the
+    model named ``name`` as a user target, then, with ``segment_rest``, grow the target from the outlines
+    (SLICE events on the stored grid, never outside ``extent``). Returns {"checkpoint", "target", ...}.
+
+    The training slices' embeddings go to a temporary folder removed when the job ends (patient data);
+    Cancel is checked between slices and steps, and a cancelled job writes no checkpoint."""
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        from ..core.orientation import SliceStack
+        from ..core.predictor import SliceResult
+        from ..core.preprocess import guess_intensity
+        from ..modeling.backbones import build_model
+        from ..training.adapt import (AdaptConfig, SliceEmbeddings, adapt_model, adapted_metadata, save_adapted,
+                                      segment_adapted, start_checkpoint)
+        from ..training.embedding_cache import DiskEmbeddingCache
+        from ..weights.checkpoint import load_samsp
+        from ..weights.targets import input_kind
+
+        cfg = config or AdaptConfig()
+        dev = training_device(device)
+        stack = SliceStack.of(volume, axis)
+        canonical = {k: stack.mask_in(m) for k, m in outlines.items()}
+        intensity = guess_intensity(volume.array, volume.modality)
+        kind = input_kind(volume.modality, volume.is_rgb, volume.array)
+        start, path = start_checkpoint(kind)
+        ctx.emit(EventKind.MESSAGE, f"Adapt: starting from {start}...")
+        model = (load_samsp(path)[0] if path else build_model()).to(dev)
+        ctx.check_cancel()
+        steps = cfg.steps
+
+        def log(line: str) -> None:
+            try:
+                entry = json.loads(line)
+            except (TypeError, ValueError):
+                return
+            if isinstance(entry, dict) and "epoch" in entry:
+                ctx.progress(int(entry["epoch"]), int(entry.get("epochs", 0)) or max(int(entry["epoch"]), 1))
+                ctx.emit(EventKind.MESSAGE, f"Adapting {name}: epoch {entry['epoch']}, loss {entry.get('loss', 0):.3f}")
+                ctx.check_cancel()
+
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+        try:
+            emb = SliceEmbeddings(model, stack.pixels, intensity, DiskEmbeddingCache(tmp / "embeddings"), ctx.cancel_event)
+            ctx.emit(EventKind.MESSAGE, f"Adapt: encoding {len(canonical)} outlined slices and a few negatives...")
+            outcome = adapt_model(model, stack.pixels, canonical, intensity, extent, empty_slices,
+                                  float(volume.spacing[2 - axis]), cfg,
+                                  embeddings=emb, cancel=ctx.cancel_event, log=log)
+            out = Path(out_dir or adapted_dir()) / f"{safe_name(name)}.pt"
+            meta = adapted_metadata(name, kind, outcome, intensity, start, cfg, source=volume.name)
+            save_adapted(out, outcome, meta)
+            result: dict[str, Any] = {"checkpoint": str(out), "target": name, "start": start,
+                                      "adapt_seconds": round(outcome.seconds, 1), "slices": len(canonical),
+                                      "negatives": outcome.negatives, "device": dev.type, "steps": steps}
+            if segment_rest:
+                t0 = time.time()
+                n = len(stack)
+                ctx.emit(EventKind.MESSAGE, f"Segmenting {name} outward from the outlined slices...")
+                _, grown = segment_adapted(outcome.model, emb, canonical, outcome.presence_threshold, outcome.extent,
+                                           cfg.patience, cancel=ctx.cancel_event,
+                                           progress=lambda done: ctx.progress(min(done, n), n))
+                for k in sorted(grown.masks):
+                    mask = stack.mask_out(grown.masks[k])
+                    ctx.emit(EventKind.SLICE, SliceResult(k, mask, None, "user" if k in canonical else "self", 0.0))
+                result.update(segment_seconds=round(time.time() - t0, 1), painted=sorted(grown.masks),
+                              visited=len(grown.visited))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return result
+
+    return run

@@ -76,9 +76,10 @@ class Parameters:
 # Parameters field -> the parameter node's (and the .ui's SlicerParameterName) name.
 PARAMETER_NAMES = {
     "input_volume": "inputVolume", "batch_all": "batchAllVolumes", "model": "model", "checkpoint": "checkpoint",
+    "target": "target", "force_target": "forceTarget",
     "output_segmentation": "outputSegmentation", "segment_name": "segmentName", "slice_axis": "sliceAxis",
     "first_slice": "firstSlice", "last_slice": "lastSlice", "device": "device", "adapt_epochs": "adaptEpochs",
-    "rerun": "rerun", "target": "target", "force_target": "forceTarget",
+    "rerun": "rerun",
 }
 
 

@@ -293,6 +293,32 @@ class SAMSelfPromptLogic:
                   total=epochs, name="Adapt")
         return self._submit(run, adapt.adapt_job(samples, model, checkpoint, out_dir, epochs, device))
 
+    def start_adapt_target(self, volume_node, segmentation_node, segment_id: str, name: str, *,
+                           extent: tuple[int, int] | None = None, empty_slices: Sequence[int] = (),
+                           axis: str | int = "auto", device: str = "auto", out_dir: str | Path | None = None,
+                           segment_rest: bool = True, allow_model_output: bool = False, config=None) -> Run:
+        """Adapt to a new target: the user outlined it in ``segment_id`` on a few slices (optionally gave
+        its first/last slice, ``extent``, and slices that are empty). Trains on the worker (progress,
+        Cancel), saves the model as the user target ``name`` (offered by ``targets``/batch from then
+        on), then writes the rest of the volume into a new segment "<name>" (never the user's own
+        segment; never outside ``extent``). See ``adapt.adapt_target_job``."""
+        from . import adapt
+
+        if self.busy:
+            raise InputError("wait for the current run to finish (or cancel it) before adapting")
+        if not str(name or "").strip():
+            raise InputError("name the new target (e.g. 'tumour') before Adapt")
+        volume, ax, outlines = adapt.outlined_slices(volume_node, segmentation_node, segment_id, axis,
+                                                     allow_model_output)
+        out_id = None
+        if segment_rest:
+            mrml.check_same_grid(segmentation_node, volume_node)
+            out_id = mrml.output_segment(segmentation_node, str(name).strip())
+        run = Run("adapt", volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(),
+                  out_id or segment_id, ax, total=volume.shape_kji[ax], name=f"Adapt {name}")
+        return self._submit(run, adapt.adapt_target_job(volume, ax, outlines, str(name).strip(), extent, empty_slices,
+                                                        out_dir, device, segment_rest, config))
+
     # --- event loop (main thread) -----------------------------------------------------------------
     @property
     def busy(self) -> bool:

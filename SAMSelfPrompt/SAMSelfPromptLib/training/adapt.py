@@ -5,8 +5,10 @@ contain it) and slices they mark as empty. Adapt then
 
 1. picks **negatives** (``negative_slices``): every slice marked empty, plus slices outside the
    extent. Without an extent a default one is assumed for this purpose only: the annotated span
-   widened on each side by ``max(span / 2, DEFAULT_MARGIN_MM of slices, 2 slices)``; slices beyond
-   it are taken to be empty (a guess: give the extent when the structure is long along the axis). At most ``max_negatives`` are used, spread from the nearest to the
+   widened on each side by one mean gap between the outlined slices (span / (k - 1); with k = 1,
+   ``DEFAULT_MARGIN_MM``), at least 2 slices; slices beyond it are taken to be empty. Outlines spread
+   over the structure end about half a gap from its ends, so this leaves a half-gap of safety; it is
+   still a guess: give the extent (or mark empty slices) when you know it. At most ``max_negatives`` are used, spread from the nearest to the
    farthest on each side (the nearest teach the model where the target ends);
 2. **trains** (cpu mode: frozen encoder, cached embeddings, bf16 decoder steps) on the k annotated
    slices and the negatives. A negative is an empty mask, so the trainer's presence training
@@ -41,12 +43,15 @@ from .data import Sample
 from .embedding_cache import DiskEmbeddingCache, cache_key, check_cancel, model_input
 from .trainer import TrainConfig, train
 
-DEFAULT_MARGIN_MM = 30.0  # without an extent: slices this far (or half the annotated span) beyond the outlines are negatives
+DEFAULT_MARGIN_MM = 30.0  # without an extent and with one outline: slices this far beyond it are negatives
 
 
 @dataclass
 class AdaptConfig:
-    steps: int = 48  # optimiser steps, whatever k is
+    # Optimiser steps, whatever k is. 96 (batch 2, lr 5e-4) is what LA-MRI needed for pass 1 to come
+    # alive from the CT start; 64 and 72 (with lr 8e-4 or a 3x pass-1 weight) left it empty or painting
+    # everywhere (docs/RESULTS.md, Adapt).
+    steps: int = 96
     batch_size: int = 2
     lr: float = 5e-4
     y0_weight: float = 1.0  # balanced BCE on pass 1 too (trainer.TrainConfig.y0_weight): it must come alive in few steps
@@ -62,7 +67,9 @@ class AdaptConfig:
 def default_extent(annotated: Sequence[int], n_slices: int, slice_mm: float = 1.0) -> tuple[int, int]:
     """The extent assumed for picking negatives when the user gives none (the rule in the module doc)."""
     lo, hi = min(annotated), max(annotated)
-    margin = max(math.ceil((hi - lo) / 2), math.ceil(DEFAULT_MARGIN_MM / max(float(slice_mm), 1e-6)), 2)
+    k = len(set(annotated))
+    gap = (hi - lo) / (k - 1) if k > 1 else DEFAULT_MARGIN_MM / max(float(slice_mm), 1e-6)
+    margin = max(math.ceil(gap), 2)
     return max(0, lo - margin), min(n_slices - 1, hi + margin)
 
 
@@ -282,8 +289,9 @@ def adapted_metadata(name: str, kind: str, outcome: AdaptOutcome, intensity: Int
         "modality": intensity.modality,
         "intensity": intensity.to_dict(),
         "presence_threshold": outcome.presence_threshold,
-        "target": {"name": name, "title": f"{name} (adapted)", "kinds": [kind.upper()], "adapted": True,
-                   "structures": [structure.to_dict()], "source": source, "start": start},
+        "target": {"name": name, "title": f"{name} (adapted)", "kinds": [kind.upper()], "user": True, "adapted": True,
+                   "structures": [structure.to_dict()], "terms": "your own outlines (Adapt); not a validated model",
+                   "source": source, "start": start},
         "adapt": {**outcome.metadata(), "config": config.to_dict()},
         "val_metrics": {k: v for k, v in outcome.best_val.items() if isinstance(v, (int, float))},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -92,43 +92,60 @@ def score_fewshot(pred: np.ndarray, truth: np.ndarray, annotated: Sequence[int],
 
 
 def fewshot_command(args, config: TrainConfig) -> int:
-    """CLI: samselfprompt train --image V --label L --label-id N --fewshot-slices k1 k2 ... -o OUT."""
+    """CLI: samselfprompt train --image V --label L --label-id N --fewshot-slices k1 k2 ... [--extent F L]
+    [--empty-slices ...] [-o OUT] [--segment-out SEG]: Adapt (training/adapt.py) on those slices of the
+    label map, then the rest grown from them (never outside --extent); scored on the other slices."""
     import json
+    from pathlib import Path
 
-    from ..core.preprocess import ct_window
+    from ..core.preprocess import ct_window, guess_intensity
+    from ..weights.targets import input_kind
+    from .adapt import (AdaptConfig, SliceEmbeddings, adapt_model, adapted_metadata, save_adapted, segment_adapted,
+                        start_checkpoint)
     from .api import base_model
     from .data import read_volume
 
     image, spacing = read_volume(args.image)
     labels, _ = read_volume(args.label)
     truth = np.isin(labels, args.label_id)
-    intensity = ct_window(args.ct_window) if float(image.min()) < -500 else None
-    from ..core.preprocess import guess_intensity
-
-    intensity = intensity or guess_intensity(image)
-    model = base_model(args.init, device=args.device)
-    res = fewshot_segment(model, image, {k: truth[k] for k in args.fewshot_slices}, intensity, spacing,
-                          config=config, cache=DiskEmbeddingCache(args.cache))
-    scores = score_fewshot(res.masks, truth, res.annotated, spacing)
+    intensity = ct_window(args.ct_window) if float(image.min()) < -500 else guess_intensity(image)
+    kind = input_kind(None, False, image)
+    start, path = ("init", args.init) if args.init else start_checkpoint(kind)
+    model = base_model(path, device=args.device)
+    cfg = AdaptConfig(seed=config.seed)
+    annotations = {int(k): truth[int(k)] for k in args.fewshot_slices}
+    emb = SliceEmbeddings(model, image, intensity, DiskEmbeddingCache(args.cache))
+    extent = tuple(args.extent) if args.extent else None
+    outcome = adapt_model(model, image, annotations, intensity, extent, args.empty_slices, float(spacing[0]), cfg,
+                          embeddings=emb)
+    pred, grown = segment_adapted(outcome.model, emb, annotations, outcome.presence_threshold, outcome.extent,
+                                  cfg.patience)
+    scores = score_fewshot(pred, truth, outcome.annotated, spacing)
     print(scores.markdown())
-    print(f"fine-tuned on slices {res.annotated} in {res.train_seconds:.1f} s")
+    print(f"adapted from {start} on slices {outcome.annotated} (negatives {outcome.negatives}) in "
+          f"{outcome.seconds:.1f} s; grown over {len(grown.visited)} slices")
     if args.out:
-        from ..weights.checkpoint import save_samsp
-
-        save_samsp(args.out, res.model, {"modality": intensity.modality, "intensity": intensity.to_dict(),
-                                         "input_size": model.image_size, "fewshot_slices": res.annotated,
-                                         "fewshot_metrics": scores.rows, "train_seconds": res.train_seconds})
+        name = args.name or Path(args.out).stem
+        meta = adapted_metadata(name, kind, outcome, intensity, start, cfg, source=str(args.image))
+        meta["fewshot_metrics"] = scores.rows
+        save_adapted(args.out, outcome, meta)
     if args.segment_out:
-        _write_like(args.image, res.masks.astype(np.uint8), args.segment_out)
-    print(json.dumps({"rows": scores.rows, "train_seconds": res.train_seconds}))
+        write_like(args.image, pred.astype(np.uint8), args.segment_out)
+    print(json.dumps({"rows": scores.rows, "adapt_seconds": outcome.seconds, "start": start}))
     return 0
 
 
-def _write_like(reference: str, array: np.ndarray, path: str) -> None:
-    """Write a K x J x I array on the LPS-reoriented grid of ``reference`` (same physical space)."""
+def write_like(reference: str, array: np.ndarray, path: str, reorient: str = "LPS") -> None:
+    """Write a K x J x I array given on ``reference``'s ``reorient``-ed grid (``data.read_volume``) back
+    on the reference's own grid: same size, spacing, origin and direction as the input file."""
     import SimpleITK as sitk
 
-    ref = sitk.DICOMOrient(sitk.ReadImage(str(reference)), "LPS")
+    ref = sitk.ReadImage(str(reference))
+    oriented = sitk.DICOMOrient(ref, reorient)
     out = sitk.GetImageFromArray(array)
-    out.CopyInformation(ref)
-    sitk.WriteImage(out, str(path))
+    out.CopyInformation(oriented)
+    own = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ref.GetDirection())
+    back = sitk.DICOMOrient(out, own)
+    result = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(back))  # exact copy of the input's geometry
+    result.CopyInformation(ref)
+    sitk.WriteImage(result, str(path))
