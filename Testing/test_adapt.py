@@ -254,6 +254,17 @@ def test_growing_never_writes_outside_the_extent_and_stops_where_absent():
     res = grow_from_annotations(model, 30, {10: everywhere, 14: everywhere})
     assert sorted(res.masks) == [k for k in range(5, 21) if k != 12]
     assert res.stopped == {"down": 4, "up": 21} and 0 not in res.visited and 29 not in res.visited
+    # With an extent the target is on each of its slices: no stop inside it, the neighbour's box is carried
+    # where pass 1 says absent (12 and 21..22 here), and nothing beyond it is asked for or written.
+    carried: list[int] = []
+
+    def carry(k, neighbour):
+        carried.append(k)
+        return neighbour
+
+    res = grow_from_annotations(model, 30, {10: everywhere, 14: everywhere}, extent=(3, 22), carry=carry)
+    assert sorted(res.masks) == list(range(3, 23)) and carried == [12, 4, 3, 21, 22]
+    assert min(res.visited) == 3 and max(res.visited) == 22
     with pytest.raises(InputError, match="outside the extent"):
         grow_from_annotations(model, 30, {10: everywhere}, extent=(11, 20))
 

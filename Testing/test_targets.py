@@ -192,3 +192,18 @@ def test_negatives_teach_pass_one_to_paint_nothing(lite_model, tmp_path):
     assert after["fp_rate"] == 0.0 and after["score"] == 1.0
     assert before["fp_rate"] > 0.0 or before["score"] < 1.0 or after["score"] >= before["score"]
     assert "absence" in res.history[0] and "presence" in res.history[0]
+
+
+def test_a_noncommercial_target_says_so_where_the_model_is_described(tmp_path):
+    """ACDC's terms travel with the target: the Slicer module's and the web app's description, and
+    the controller's target menu, show them (the text comes from Target.describe)."""
+    from SAMSelfPromptLib.weights.catalogue import Target
+    from SAMSelfPromptLib.weights.targets import target_spec
+
+    spec = target_spec("cardiac-mr")
+    target = Target.from_summary("samsp_acdc_litemedsam", tmp_path / "samsp_acdc_litemedsam.pt",
+                                 {"target": spec.to_dict(), "val_metrics": {"samsp": 0.8}})
+    text = target.describe()
+    assert "NON-COMMERCIAL USE ONLY" in text and "CC BY-NC-SA" in text
+    assert "Right ventricle, Myocardium, Left ventricle" in text and "val Dice 0.800" in text
+    assert target.noncommercial and target.fits("MR") and not target.fits("CT")

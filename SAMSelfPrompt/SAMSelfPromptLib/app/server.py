@@ -258,6 +258,10 @@ class SAMSelfPromptWebApp(TrameApp):
     def apply(self) -> None:
         self._guard(self.controller.apply)
 
+    def adapt_target(self) -> None:
+        """The Adapt panel: the slice-range fields are the target's extent (controller.adapt_target)."""
+        self._guard(lambda: self.controller.adapt_target(str(self.state.ssp_adapt_name or "").strip()))
+
     def toggle_click_mode(self, sign: str) -> None:
         self._guard(lambda: self.controller.set_click_mode(None if self.controller.click_mode == sign else sign))
 
@@ -315,7 +319,7 @@ class SAMSelfPromptWebApp(TrameApp):
             "progress_text": f"{done} / {total} {view.progress_unit}" if total else "",
             "eta_text": view.eta_text, "status_text": view.status_text,
             "error_text": view.error_text, "target_text": view.target_text,
-            "target_description": view.target_description,
+            "target_description": view.target_description, "adapt_enabled": view.adapt_enabled,
         }
         items = target_items(view.target_choices)
         if items != self.state.ssp_targets:
@@ -420,6 +424,17 @@ class SAMSelfPromptWebApp(TrameApp):
                     v3.VBtn("Clear points", id="ssp-clear", classes="flex-grow-1",
                             disabled=("!ssp_view.clear_enabled",), click=self.clear_points)
                 html.Div("{{ ssp_view.target_text }}", id="ssp-target-text", classes="text-caption text-medium-emphasis")
+
+                v3.VDivider()
+                html.Div("Adapt to a new target: outline it on a few slices (optionally set its first/last slice "
+                         "above), name it, press Adapt. The rest of the volume is segmented after training.",
+                         classes="text-caption")
+                with html.Div(classes="d-flex ga-2 align-center"):
+                    v3.VTextField(id="ssp-adapt-name", label="Target name", v_model=("ssp_adapt_name", ""),
+                                  disabled=("ssp_view.busy",), **dense)
+                    v3.VBtn("Adapt", id="ssp-adapt", prepend_icon="mdi-school",
+                            disabled=("ssp_view.busy || !ssp_view.adapt_enabled || !ssp_adapt_name",),
+                            click=self.adapt_target)
 
                 v3.VDivider()
                 with html.Div(classes="d-flex ga-2 align-center"):

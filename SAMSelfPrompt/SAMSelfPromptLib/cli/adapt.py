@@ -31,10 +31,12 @@ def register(subparsers) -> None:
     p.add_argument("--start-k", type=int, nargs="+", default=None,
                    help="compare --starts only at these k (the first start runs every k)")
     p.add_argument("--max-volumes", type=int, default=None)
+    p.add_argument("--cases", nargs="+", default=None, help="only these val case ids")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cache", help="embedding cache folder")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", required=True, help="write every run here (JSON lines, appended as they finish)")
+    p.add_argument("--json", help="write every run here (JSON lines, appended as they finish)")
+    p.add_argument("--summarize", nargs="+", metavar="JSONL", help="only print the table of earlier runs' JSON lines")
     p.add_argument("--markdown", help="write the summary table here")
     p.set_defaults(func=run_adapt_eval)
 
@@ -62,6 +64,16 @@ def run_adapt_eval(args) -> int:
     from ..training.data import read_volume
     from ..training.embedding_cache import DiskEmbeddingCache
 
+    if args.summarize:
+        runs = [json.loads(line) for f in args.summarize for line in Path(f).read_text().splitlines() if line.strip()]
+        rows = list({(r["dataset"], r["case"], r["k"], r["start"], r["extent"]): r for r in runs}.values())  # last wins
+        table = summary_table(rows)
+        print(table)
+        if args.markdown:
+            Path(args.markdown).write_text(table + "\n")
+        return 0
+    if not args.json:
+        raise SystemExit("adapt-eval: --json is required (or --summarize)")
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = DiskEmbeddingCache(args.cache)
@@ -72,7 +84,8 @@ def run_adapt_eval(args) -> int:
     rows = []
     for ds in args.datasets:
         root = Path(args.data_root) / ds
-        ids = json.loads((root / "splits.json").read_text())["val"][: args.max_volumes]
+        ids = json.loads((root / "splits.json").read_text())["val"]
+        ids = [c for c in ids if args.cases is None or c in args.cases][: args.max_volumes]
         for case in ids:
             image, spacing = read_volume(root / "images" / f"{case}.nii.gz")
             labels, _ = read_volume(root / "labels" / f"{case}.nii.gz")
@@ -87,15 +100,15 @@ def run_adapt_eval(args) -> int:
                         extent = true_extent(truth) if given else None
                         model = base_model(path)
                         emb = SliceEmbeddings(model, image, intensity, cache)
-                        t0 = time.time()
+                        t0, c0 = time.time(), time.process_time()
                         outcome = adapt_model(model, image, {a: truth[a] for a in annotated}, intensity, extent,
                                               slice_mm=float(spacing[0]), config=config, embeddings=emb)
-                        t1 = time.time()
+                        t1, c1 = time.time(), time.process_time()
                         pred, res = segment_adapted(outcome.model, emb, {a: truth[a] for a in annotated},
                                                     outcome.presence_threshold, extent, config.patience)
                         seg_s = time.time() - t1
                         row = {"dataset": ds, "case": case, "k": k, "start": start, "extent": given,
-                               **score(pred, truth, annotated), "adapt_s": round(t1 - t0, 1),
+                               **score(pred, truth, annotated), "adapt_s": round(t1 - t0, 1), "adapt_cpu_s": round(c1 - c0, 1),
                                "embed_s": round(outcome.embed_seconds, 1), "train_s": round(outcome.train_seconds, 1),
                                "segment_s": round(seg_s, 1), "slices_run": len(res.visited),
                                "encoded": emb.encoded, "negatives": outcome.negatives, "annotated": annotated,
@@ -131,8 +144,8 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["dataset"], r["start"], r["extent"], r["k"]), []).append(r)
     lines = ["| data | start | extent given | k | volumes | Dice (unannotated slices) | FP rate (slices without it) "
-             "| missed slices | Adapt s (mean / max) | segment s (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| missed slices | Adapt s, wall (mean / max) | Adapt s, CPU (mean / max) | segment s (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, start, given, k), rs in sorted(groups.items(), key=lambda x: (x[0][0], x[0][1], not x[0][2], x[0][3])):
         neg = sum(r["n_negative"] for r in rs)
         fp = sum(r["fp_slices"] for r in rs)
@@ -142,5 +155,13 @@ def summary_table(rows: list[dict]) -> str:
                      f"{(f'{fp / neg:.1%} ({fp}/{neg})') if neg else 'n/a (0 slices)'} | "
                      f"{sum(r['missed_slices'] for r in rs)}/{pos} | "
                      f"{np.mean([r['adapt_s'] for r in rs]):.1f} / {max(r['adapt_s'] for r in rs):.1f} | "
+                     f"{_cpu(rs)} | "
                      f"{np.mean([r['segment_s'] for r in rs]):.1f} |")
     return "\n".join(lines)
+
+
+def _cpu(rows: list[dict]) -> str:
+    """Process CPU seconds of Adapt (1 thread: what it takes on a core of its own), where recorded."""
+    cpu = [r["adapt_cpu_s"] for r in rows if "adapt_cpu_s" in r]
+    return f"{np.mean(cpu):.1f} / {max(cpu):.1f}" if cpu else "n/a"
+

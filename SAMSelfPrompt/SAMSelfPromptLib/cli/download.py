@@ -77,6 +77,11 @@ def print_targets() -> None:
                  f"false-positive rate {val['fp_rate']:.1%} of {val.get('n_negative')} negatives"
                  if val.get("n_negative") else ""]
         print(f"    {t.path.name}: " + ", ".join(p for p in parts if p))
+        volumes = summary.get("val_volumes") or {}
+        for key, m in volumes.items():
+            if key.startswith("samsp/"):
+                print(f"    {key.split('/', 1)[1]}: 3D Dice {m['dice3d']:.3f} on {m['n_volumes']} val volumes, "
+                      f"false positives on {m['fp_slices']} of {m['n_negative']} slices without it")
         if summary.get("val_note"):
             print(f"    note: {summary['val_note']}")
         print(f"    terms: {'NON-COMMERCIAL USE ONLY. ' if spec.noncommercial else ''}{spec.terms}")

@@ -88,6 +88,8 @@ def register(subparsers) -> None:
     e.add_argument("--alpha0-checkpoint", help="ablation: trained with alpha = 0 (row samsp_alpha0)")
     e.add_argument("--no-self-prompt-checkpoint", help="ablation: trained without self-prompt (row no_self_prompt)")
     e.add_argument("--json", required=True, help="write rows and per-case metrics here")
+    e.add_argument("--write-summary", action="store_true",
+                   help="with --target: record the val rows (and 3D metrics) in the checkpoint's JSON summary")
     e.add_argument("--clicks", type=int, default=0, metavar="N",
                    help="also simulate up to N expert clicks from the prompt-free result (Dice after 1/3/5, NoC@85/90)")
     e.add_argument("--clicks-baseline-checkpoint", action="append", default=[], metavar="NAME=FILE",
@@ -279,6 +281,8 @@ def run_evaluate(args) -> int:
             out["volumes"] = result.volume_metrics([s.case_id for s in samples], [s.mask for s in samples],
                                                    [spec.structures[s.structure].name for s in samples])
             print(result.volume_markdown(out["volumes"]))
+        if args.write_summary:
+            _record_val_rows(Path(args.checkpoint), out, args.split or "val")
     out["checkpoint"] = ckpt
     if args.promise_checkpoint:
         out["promise_checkpoint"] = args.promise_checkpoint
@@ -288,6 +292,23 @@ def run_evaluate(args) -> int:
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _record_val_rows(checkpoint: Path, out: dict, split: str) -> None:
+    """The val table beside a target's checkpoint, for `samselfprompt models` and the hosts."""
+    from ..io.files import atomic_write
+
+    summary_path = checkpoint.with_suffix(".json")
+    if not summary_path.is_file():
+        raise SystemExit(f"--write-summary: {summary_path} does not exist (train --target writes it)")
+    summary = json.loads(summary_path.read_text())
+    summary["val_rows"] = {row: {k: v for k, v in m.items()} for row, m in out["rows"].items()}
+    summary["val_rows_split"] = split
+    if "volumes" in out:
+        summary["val_volumes"] = out["volumes"]
+    text = json.dumps(summary, indent=1) + "\n"
+    atomic_write(summary_path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    print(f"recorded the val rows in {summary_path}", file=sys.stderr)
 
 
 def _click_metrics(args, vanilla, trained, samples, device) -> tuple[dict, dict]:

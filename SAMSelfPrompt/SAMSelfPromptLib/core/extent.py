@@ -5,11 +5,12 @@ ends. So the volume is never segmented slice by slice in isolation; instead:
 
 1. the annotated slices keep the user's own masks;
 2. the slices between two annotated ones are segmented (SAM-SP with the presence rule of
-   ``selfprompt.absent``); the structure runs through them, so an absent answer there just
-   leaves that slice empty;
-3. from the first and the last annotated slice the run goes outward, one slice at a time,
-   and stops in that direction at the first slice where pass 1 says "absent" (``patience``
-   absent slices in a row) or at the user's extent;
+   ``selfprompt.absent``); the structure runs through them, so where pass 1 says "absent" there
+   the slice is prompted with its neighbour's box instead (``carry``, LiteMedSAM-style);
+3. from the first and the last annotated slice the run goes outward, one slice at a time. With
+   an extent the target is on every slice of it (that is what first/last slice means), so the run
+   goes to the extent's end, carrying the neighbour's box where pass 1 says "absent". Without one it
+   stops in that direction at the first slice where pass 1 says "absent" (``patience`` in a row);
 4. at the end only the 3D components (26-connected) that touch an annotated mask are kept.
 
 Nothing is ever written outside ``extent`` (first, last slice, inclusive) when one is given, and
@@ -85,20 +86,25 @@ def grow_from_annotations(
     cleanup: bool = True,
     cancel: threading.Event | None = None,
     progress: Callable[[int], None] | None = None,
+    carry: Callable[[int, np.ndarray], np.ndarray | None] | None = None,
 ) -> ExtentResult:
     """Run ``decode`` on the slices the rule above reaches; return the kept masks.
 
-    ``patience``: how many absent slices in a row end a direction (1: the first one).
+    ``patience``: how many absent slices in a row end a direction (1: the first one), without an extent.
+    ``carry(k, neighbour_mask)``: slice k prompted from its neighbour's mask, used where the target is
+    known to be (between outlines, inside a given extent) and ``decode`` says absent.
     """
     ks = sorted(int(k) for k in annotations)
     first, last = check_extent(extent, n_slices, ks)
     masks: dict[int, np.ndarray] = {k: np.asarray(annotations[k], bool) for k in ks}
     result = ExtentResult({}, [], {})
 
-    def visit(k: int) -> np.ndarray | None:
+    def visit(k: int, known: bool = False, neighbour: int | None = None) -> np.ndarray | None:
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled by the user")
         m = decode(k)
+        if (m is None or not m.any()) and known and carry is not None and neighbour in masks:
+            m = carry(k, masks[neighbour])
         result.visited.append(k)
         if progress is not None:
             progress(len(result.visited))
@@ -109,13 +115,13 @@ def grow_from_annotations(
 
     for a, b in zip(ks, ks[1:]):  # between annotated slices: the structure runs through
         for k in range(a + 1, b):
-            visit(k)
+            visit(k, True, k - 1)
     for name, start, stop, step in (("down", ks[0] - 1, first - 1, -1), ("up", ks[-1] + 1, last + 1, 1)):
         misses, ended = 0, None
         for k in range(start, stop, step):
-            if visit(k) is None:
+            if visit(k, extent is not None, k - step) is None:
                 misses += 1
-                if misses >= max(1, patience):
+                if extent is None and misses >= max(1, patience):
                     ended = k
                     break
             else:
@@ -148,3 +154,24 @@ def keep_connected(masks: Mapping[int, np.ndarray], seeds: Sequence[int]) -> tup
     kept = keep[labels]
     removed = int(block.sum() - kept.sum())
     return {lo + i: kept[i] for i in range(len(kept)) if kept[i].any()}, removed
+
+
+@torch.no_grad()
+def box_slice(model: SamBackbone, embedding: torch.Tensor, frame: Frame, neighbour: np.ndarray,
+              structure: int = 0, grow: float = 0.1) -> np.ndarray | None:
+    """Slice k prompted with the box of its neighbour's mask (slice pixels), widened by ``grow`` of its
+    size on each side: the carry for slices known to hold the target where pass 1 found nothing."""
+    from .masks import mask_box
+
+    box = mask_box(neighbour)
+    if box is None:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dx, dy = grow * (x1 - x0 + 1), grow * (y1 - y0 + 1)
+    box = np.array([max(0.0, x0 - dx), max(0.0, y0 - dy), min(frame.w - 1.0, x1 + dx), min(frame.h - 1.0, y1 + dy)])
+    which = torch.full((1,), structure, dtype=torch.long, device=embedding.device)
+    mbox = torch.as_tensor(frame.box_to_model(box), device=embedding.device)[None]
+    y1_, _ = model.decode(embedding.float(), boxes=mbox, structure=which)
+    mask = (logits_to_slice(y1_[0], frame) > 0).cpu().numpy()
+    return mask if mask.any() else None
+

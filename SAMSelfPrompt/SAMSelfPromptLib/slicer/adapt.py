@@ -194,8 +194,21 @@ def outlined_slices(volume_node, segmentation_node, segment_id: str, axis: str |
 
 
 def safe_name(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.strip().lower()).strip("-")
-    return keep or "adapted"
+    """A file stem from a target name: lower case, runs of other characters as one dash."""
+    import re
+
+    return re.sub(r"[^a-z0-9_]+", "-", name.strip().lower()).strip("-") or "adapted"
+
+
+def new_checkpoint_path(folder: Path, name: str) -> Path:
+    """<folder>/<safe name>.pt, or -2, -3, ... when taken: an earlier model of that name is never
+    replaced (a host may hold it open, warm, under its path)."""
+    path = folder / f"{safe_name(name)}.pt"
+    n = 2
+    while path.exists():
+        path = folder / f"{safe_name(name)}-{n}.pt"
+        n += 1
+    return path
 
 
 def adapt_target_job(volume, axis: int, outlines: dict, name: str, extent: tuple[int, int] | None = None,
@@ -249,7 +262,7 @@ def adapt_target_job(volume, axis: int, outlines: dict, name: str, extent: tuple
             outcome = adapt_model(model, stack.pixels, canonical, intensity, extent, empty_slices,
                                   float(volume.spacing[2 - axis]), cfg,
                                   embeddings=emb, cancel=ctx.cancel_event, log=log)
-            out = Path(out_dir or adapted_dir()) / f"{safe_name(name)}.pt"
+            out = new_checkpoint_path(Path(out_dir or adapted_dir()), name)
             meta = adapted_metadata(name, kind, outcome, intensity, start, cfg, source=volume.name)
             save_adapted(out, outcome, meta)
             result: dict[str, Any] = {"checkpoint": str(out), "target": name, "start": start,

@@ -554,6 +554,41 @@ class ModuleController:
             return self._refuse(str(exc), error=True)
         return self._start(run, f"Adapt on {len(ids)} segment(s) queued...")
 
+    def adapt_target(self, name: str, segment_id: str | None = None, *, empty_slices: Sequence[int] = (),
+                     allow_model_output: bool = False):
+        """Adapt to a new target named ``name``: the user outlined it on a few slices of the output
+        segmentation's segment ``segment_id`` (default: the last segment they made) and may have set its
+        first/last slice in the slice-range fields (then the extent: nothing is learnt as "present" or
+        written outside it). Trains in the background (progress, Cancel), saves the model as a user
+        target, then writes the rest of the volume into a new segment named ``name``."""
+        if not self._can_start("Adapt"):
+            return None
+        p = self.parameters
+        self.error = ""
+        seg = p.output_segmentation
+        if p.input_volume is None or seg is None:
+            return self._refuse("Choose the input volume and the segmentation holding your outlines.", error=True)
+        from .adapt import user_segments
+
+        ids = user_segments(seg)
+        sid = segment_id or (ids[-1] if ids else None)
+        if sid is None:
+            return self._refuse(f"{seg.GetName()} has no segment you drew: outline the target on a few slices "
+                                "(Segment Editor), optionally set its first/last slice, then press Adapt.", error=True)
+        try:
+            if not self._dependencies_ready(lambda: self.adapt_target(name, segment_id, empty_slices=empty_slices,
+                                                                      allow_model_output=allow_model_output)):
+                return None
+            span = self._slice_range_for(p.input_volume)
+            extent = None if span is None else (span[0], span[1] - 1)
+            run = self.logic.start_adapt_target(p.input_volume, seg, sid, name, extent=extent,
+                                                empty_slices=empty_slices, axis=p.slice_axis, device=p.device,
+                                                allow_model_output=allow_model_output)
+        except SamSelfPromptError as exc:
+            return self._refuse(str(exc), error=True)
+        where = f" (slices {extent[0]}-{extent[1]})" if extent else ""
+        return self._start(run, f"Adapt to '{name}'{where} queued...")
+
     # --- module and scene lifetime ----------------------------------------------------------------
     def module_entered(self) -> None:
         self.entered = True
@@ -626,6 +661,10 @@ class ModuleController:
             self.status = {"done": f"Corrected slice {run.written[0]}." if run.written else "Correction done.",
                            "cancelled": "Correction cancelled; the slice is unchanged.",
                            "failed": "The correction failed; the slice is unchanged."}[run.status]
+        elif run.status == "done" and run.result.get("target"):  # Adapt to a new target (adapt_target)
+            self.parameters.target, self.parameters.checkpoint = str(run.result["target"]), ""
+            self.status = (f"Adapted target '{run.result['target']}' saved ({run.result['checkpoint']}) and selected; "
+                           f"{len(run.written)} slices written. It is offered for other volumes and batch too.")
         elif run.status == "done":
             path = str(run.result["checkpoint"])
             self.parameters.checkpoint = path

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..core.extent import ExtentResult, check_extent, grow_from_annotations, samsp_slice
+from ..core.extent import ExtentResult, box_slice, check_extent, grow_from_annotations, samsp_slice
 from ..core.preprocess import Frame, Intensity
 from ..errors import InputError
 from ..modeling.backbones import SamBackbone
@@ -249,8 +249,12 @@ def segment_adapted(
         e, frame = embeddings(k)
         return samsp_slice(model, e[None].to(model.device), frame, presence_threshold)
 
+    def carry(k: int, neighbour: np.ndarray) -> np.ndarray | None:
+        e, frame = embeddings(k)
+        return box_slice(model, e[None].to(model.device), frame, neighbour)
+
     res = grow_from_annotations(decode, embeddings.image.shape[0], annotations, extent, patience, cancel=cancel,
-                                progress=progress)
+                                progress=progress, carry=carry)
     out = np.zeros(embeddings.image.shape[:3], bool)
     for k, m in res.masks.items():
         out[k] = m

@@ -121,7 +121,7 @@ TARGETS: tuple[TargetSpec, ...] = (
         "samsp_busi_litemedsam.pt", "busi", "2d",
         "BUSI: released for research use with citation; not for redistribution",
         "Al-Dhabyani et al., Dataset of breast ultrasound images, Data in Brief 28 (2020) 104863",
-        recipe={"epochs": 4, "max_train": 240}),
+        recipe={"epochs": 2, "max_train": 120}),
     TargetSpec(
         "fetal-head-us", "Fetal head (ultrasound)", ("US",),
         (Structure("Fetal head", (0.95, 0.8, 0.6), ANATOMICAL_STRUCTURE, (SCT, "69536005", "Head")),),
@@ -136,7 +136,7 @@ TARGETS: tuple[TargetSpec, ...] = (
         "LA 2018 challenge data: free for research with citation",
         "Xiong et al., A global benchmark of algorithms for segmenting the left atrium from LGE-MRI, "
         "Medical Image Analysis 67 (2021) 101832", default_for=("MR",),
-        recipe={"epochs": 3, "train_slice_step": 6, "val_volumes": 3}),
+        recipe={"epochs": 2, "train_slice_step": 8, "val_volumes": 2}),
     TargetSpec(
         "cardiac-mr", "Heart: RV, myocardium, LV (cine MRI, short axis)", ("MR",),
         (Structure("Right ventricle", (0.3, 0.55, 0.9), ANATOMICAL_STRUCTURE, (SCT, "53085002", "Right ventricle"),
@@ -149,7 +149,7 @@ TARGETS: tuple[TargetSpec, ...] = (
         "ACDC: CC BY-NC-SA 4.0, NON-COMMERCIAL use only; cite Bernard et al. 2018",
         "Bernard et al., Deep learning techniques for automatic MRI cardiac multi-structures segmentation and "
         "diagnosis: is the problem solved?, IEEE TMI 37(11) 2018", noncommercial=True,
-        recipe={"epochs": 3, "train_slice_step": 2}),
+        recipe={"epochs": 2, "train_slice_step": 4}),
     TargetSpec(
         "liver-ct", "Liver (CT)", ("CT",),
         (Structure("Liver", (0.87, 0.51, 0.4), ANATOMICAL_STRUCTURE, (SCT, "10200004", "Liver"), label_ids=(5,)),),
