@@ -1050,7 +1050,7 @@ def test_scene_safety_rerun_is_explicit_and_undo_restores(logic, ct_node, mrml):
     first = logic.wait(logic.start_auto_segment(ct_node, segmentation_node=seg, slice_range=(9, 10)))
     again = logic.wait(logic.start_auto_segment(ct_node, segmentation_node=seg, slice_range=(9, 10)))
     assert first.status == again.status == "done" and len({first.segment_id, again.segment_id, user_id}) == 3
-    assert seg.GetSegmentation().GetSegment(again.segment_id).GetName() == "SAM-SP (2)"
+    assert seg.GetSegmentation().GetSegment(again.segment_id).GetName() == "Liver (2)"
     assert np.array_equal(mrml.segment_array(seg, user_id, ct_node), user_before)
     over = logic.wait(logic.start_auto_segment(ct_node, segmentation_node=seg, segment_id=user_id, slice_range=(9, 10)))
     assert over.status == "done" and over.segment_id == user_id

@@ -185,7 +185,7 @@ def write_summary(checkpoint: str | Path, json_path: str | Path, extra: dict[str
     meta = read_samsp(checkpoint)["metadata"]
     keep = ("modality", "intensity", "intensity_note", "input_size", "base_model", "mode", "train_config", "optimizer",
             "loss", "best_epoch", "val_metrics", "train_seconds", "fp16", "git_commit", "created", "empty_y0_fallback",
-            "presence_threshold", "negatives", "n_structures", "target")
+            "presence_threshold", "negatives", "n_structures", "target", "method")
     summary = {k: meta.get(k) for k in keep}
     data = dict(meta.get("data", {}))
     data.pop("train_ids", None)

@@ -391,7 +391,9 @@ def train(
             x, y = x.to(device), y.to(device)
             structure = data.structures[idx[mine]].to(device)
             positive = y.flatten(1).any(1)
-            with training_autocast(device, config.precision):
+            # bf16 on the CPU only for cpu mode (the decoder on cached embeddings); paper mode on a CPU stays
+            # fp32, as do the 1- vs 2-process DDP runs that must match (test_training).
+            with training_autocast(device, config.precision if config.mode == "cpu" else "fp32"):
                 y0, y1, presence = step_module(x, data.fallback[idx[mine]].to(device), jit[mine].to(device),
                                                data.limit[idx[mine]].to(device), single=config.objective == "single",
                                                structure=structure, positive=positive)

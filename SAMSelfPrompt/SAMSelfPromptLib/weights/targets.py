@@ -181,7 +181,8 @@ def input_kind(modality: str | None, is_rgb: bool, array: np.ndarray | None = No
         return "MR" if mod == "MRI" else mod
     if array is None:
         return "CT"  # nothing else known: the historic default
-    if array.size and float(array.min()) < -500:
+    finite = array[np.isfinite(array)] if np.issubdtype(array.dtype, np.floating) else array
+    if finite.size and float(finite.min()) < -500:  # NaN or inf voxels do not decide the kind
         return "CT"
     if array.ndim == 2 or (array.ndim == 3 and array.shape[0] == 1):
         return "US"
