@@ -104,6 +104,8 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.clicked.connect(self._action(self.controller.undo))
         self.ui.clearPointsButton.clicked.connect(self._action(self.controller.clear_points))
         self.ui.adaptButton.clicked.connect(self._action(self.controller.adapt))
+        self.ui.adaptTargetButton.clicked.connect(self._action(
+            lambda: self.controller.adapt_target(self.ui.adaptTargetNameLineEdit.text.strip() or "adapted target")))
         self._shownTargets = None
         self.ui.targetComboBox.currentIndexChanged.connect(self._onTargetChosen)
         self._unsubscribe = self.controller.subscribe(self.render)
@@ -215,6 +217,7 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.undoButton.enabled = view.undo_enabled
         ui.clearPointsButton.enabled = view.clear_enabled
         ui.adaptButton.enabled = view.adapt_enabled
+        ui.adaptTargetButton.enabled = view.adapt_enabled
         ui.progressBar.format = f"%v / %m {view.progress_unit}"
         ui.progressBar.maximum = max(1, view.progress_total)
         ui.progressBar.value = view.progress_done

@@ -207,3 +207,15 @@ def test_a_noncommercial_target_says_so_where_the_model_is_described(tmp_path):
     assert "NON-COMMERCIAL USE ONLY" in text and "CC BY-NC-SA" in text
     assert "Right ventricle, Myocardium, Left ventricle" in text and "val Dice 0.800" in text
     assert target.noncommercial and target.fits("MR") and not target.fits("CT")
+
+
+def test_promise_is_a_method_in_the_same_target_list():
+    """ProMISe (issue 15) is offered beside SAM-SP for the inputs its target fits, never as the default."""
+    from SAMSelfPromptLib.weights.catalogue import choose_model, open_model, targets_for
+
+    names = [t.name for t in targets_for("RGB")]
+    assert names[0] == "dermoscopy-lesion" and "dermoscopy-lesion-promise" in names
+    choice = choose_model(modality=None, is_rgb=True, target="dermoscopy-lesion-promise")
+    opened = open_model(choice, "cpu")
+    assert opened.segmenter.metadata["method"] == "promise" and opened.segmenter.refiner is None
+    assert "ProMISe" in opened.description and opened.structures[0].name == "Skin lesion"

@@ -94,7 +94,8 @@ class Target:
     def describe(self) -> str:
         """One line for a model menu or tooltip: title, structures, kinds, val Dice, terms."""
         metrics = dict(self.val_metrics)
-        dice = f", val Dice {metrics['samsp']:.3f}" if "samsp" in metrics else ""
+        score = metrics.get("samsp", metrics.get("promise"))
+        dice = f", val Dice {score:.3f}" if score is not None else ""
         terms = " NON-COMMERCIAL USE ONLY." if self.noncommercial else ""
         names = ", ".join(s.name for s in self.structures)
         return f"{self.title} [{self.name}]: {names}; for {'/'.join(self.kinds)} input{dice}.{terms} Terms: {self.terms}"
