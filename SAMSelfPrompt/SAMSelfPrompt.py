@@ -195,7 +195,7 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._shownTargets = None  # no _onTargetChosen while refilling
             combo.clear()
             if view.target_choices:
-                combo.addItem(f"default: {view.target_choices[0][1]}", "")
+                combo.addItem("default for this input (see below)", "")
                 for name, text in view.target_choices:
                     combo.addItem(text, name)
             self._shownTargets = view.target_choices

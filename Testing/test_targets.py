@@ -70,13 +70,29 @@ def test_defaults_per_kind_and_the_guard_refuses_what_nothing_fits():
     assert forced.forced and forced.target.name == "liver-ct"
 
 
+def test_ultrasound_and_mr_need_a_chosen_target_when_one_fits(tmp_path):
+    """Grey ultrasound and MR pictures of different organs look alike to the kind rule: with a target
+    for the kind shipped, none is assumed; the message names them and Adapt."""
+    from SAMSelfPromptLib.weights.catalogue import (NoTargetError, Target, choose_model, default_target,
+                                                   targets_for)
+    from SAMSelfPromptLib.weights.targets import target_spec
+
+    fake = Target.from_summary("la", tmp_path / "la.pt", {"target": target_spec("left-atrium-mr").to_dict()})
+    assert default_target("MR", (fake,)) is None and targets_for("MR", (fake,))
+    with pytest.raises(NoTargetError, match="Choose one") as err:
+        choose_model(modality="MR", extra_targets=(fake,))
+    assert "left-atrium-mr" in str(err.value) and "Adapt" in str(err.value)
+    assert default_target("CT").name == "liver-ct" and default_target("RGB").name == "dermoscopy-lesion"
+
+
 def test_segment_on_mr_paints_nothing_or_exits_2_naming_targets_and_adapt(tmp_path):
     """The must-show: mr_small (an abdominal MR) gets no CT model painting a liver on every slice."""
     mr = shared_path("ct_totalseg", "mr_small.nii.gz")
     out = tmp_path / "mr.seg.nrrd"
     res = _cli("segment", str(mr), "-o", str(out), "--quiet", "--threads", "1")
-    if res.returncode == 2:
-        assert "No shipped target fits" in res.stderr and "Adapt" in res.stderr and "liver-ct" in res.stderr
+    if res.returncode == 2:  # no MR target, or several for different anatomy and none assumed
+        assert "Nothing was painted" in res.stderr and "Adapt" in res.stderr, res.stderr
+        assert ("liver-ct" in res.stderr) or ("left-atrium-mr" in res.stderr), res.stderr
         assert not out.exists()
     else:  # an MR target fits by kind: its presence output must leave the abdomen empty
         assert res.returncode == 0, res.stderr

@@ -49,7 +49,7 @@ LAYOUTS = ("Axial Only", "Axial Primary", "Quad View")
 
 def target_items(choices) -> list[dict[str, str]]:
     """The target menu from the controller's view: the default for the input, then each target that fits."""
-    items = [{"title": f"Default: {choices[0][1]}" if choices else "Default for the input", "value": ""}]
+    items = [{"title": "Default for this input (see below)", "value": ""}]
     return items + [{"title": text, "value": name} for name, text in choices]
 
 

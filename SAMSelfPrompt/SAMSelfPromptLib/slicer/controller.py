@@ -224,7 +224,7 @@ class ModuleController:
 
     def _targets_view(self) -> dict:
         """The target menu for the input volume and the text under it (cached per volume content)."""
-        from ..weights.catalogue import input_kind, no_target_message
+        from ..weights.catalogue import choose_target_message, default_target, input_kind, no_target_message
 
         node = self.parameters.input_volume
         if node is None or bool(self.parameters.batch_all):
@@ -242,12 +242,15 @@ class ModuleController:
         kind, fitting = self._targets
         choices = tuple((t.name, t.title + (" (non-commercial)" if t.noncommercial else "")) for t in fitting)
         name = self.parameters.target or ""
-        chosen = next((t for t in fitting if t.name == name), None) if name else (fitting[0] if fitting else None)
+        default = default_target(kind, self.logic.user_targets())
+        chosen = next((t for t in fitting if t.name == name), None) if name else default
         if chosen is not None:
             text = chosen.describe()
         elif name:
             text = (f"{name} is not trained for this {kind} input; it runs only with 'Run the target even if ...' "
                     "checked.")
+        elif fitting:
+            text = choose_target_message(kind, fitting)
         else:
             text = no_target_message(kind)
         return {"target_choices": choices, "target_description": text}

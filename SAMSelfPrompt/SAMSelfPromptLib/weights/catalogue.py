@@ -124,6 +124,21 @@ def find_target(name: str, extra: tuple[Target, ...] = ()) -> Target:
     raise InputError(f"unknown target '{name}'; available targets: {known} (samselfprompt models lists them)")
 
 
+def default_target(kind: str, extra: tuple[Target, ...] = ()) -> Target | None:
+    """The target Auto-segment runs for this kind with nothing named: only where the kind implies the
+    anatomy well enough (RGB dermoscopy, CT). Ultrasound and MR pictures of different organs look alike
+    to the kind rule, so there the user picks the target; a user's own adapted model is never a default."""
+    return next((t for t in targets_for(kind, extra) if kind in t.default_for and not t.user), None)
+
+
+def choose_target_message(kind: str, fitting: list[Target]) -> str:
+    """The guard's words when targets fit the kind but none can be assumed."""
+    listing = "; ".join(f"{t.name} ({t.title})" for t in fitting)
+    return (f"This {kind} input fits targets trained on different anatomy, and the image does not say which it "
+            f"shows: {listing}. Nothing was painted. Choose one (command line: --target NAME; Slicer and web "
+            "app: the Target menu). For a structure none of them is, outline it on a few slices and use Adapt.")
+
+
 def no_target_message(kind: str) -> str:
     """The guard's words: what this input is, which targets exist, and what to do instead."""
     listing = "; ".join(f"{t.name} ({'/'.join(t.kinds)})" for t in shipped_targets())
@@ -154,8 +169,8 @@ def input_kind(modality: str | None, is_rgb: bool, array=None) -> str:
 
 def default_checkpoint(modality: str | None, is_rgb: bool, array=None) -> Path | None:
     """The default target's checkpoint for this kind of input, None when no target fits."""
-    fitting = targets_for(input_kind(modality, is_rgb, array))
-    return fitting[0].path if fitting else None
+    chosen = default_target(input_kind(modality, is_rgb, array))
+    return chosen.path if chosen is not None else None
 
 
 def click_model_for(model_id: str, metadata: dict, modality: str | None, is_rgb: bool):
@@ -227,7 +242,9 @@ def choose_model(model_id: str = DEFAULT_MODEL, weights: str | Path | None = Non
         fitting = targets_for(kind, extra_targets)
         if not fitting:
             raise NoTargetError(no_target_message(kind))
-        chosen = fitting[0]
+        chosen = default_target(kind, extra_targets)
+        if chosen is None:
+            raise NoTargetError(choose_target_message(kind, fitting))
         checkpoint = chosen.path
     elif checkpoint is not None:
         chosen = target_of_checkpoint(Path(checkpoint))

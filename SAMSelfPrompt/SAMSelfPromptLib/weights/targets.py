@@ -128,14 +128,14 @@ TARGETS: tuple[TargetSpec, ...] = (
         "samsp_hc18_litemedsam.pt", "hc18", "2d",
         "HC18 (Zenodo 10.5281/zenodo.1322001): listed as CC BY 4.0, with citation",
         "van den Heuvel et al., Automated measurement of fetal head circumference using 2D ultrasound images, "
-        "PLoS ONE 13(8) 2018", default_for=("US",), recipe={"epochs": 4, "max_train": 160, "max_val": 100}),
+        "PLoS ONE 13(8) 2018", recipe={"epochs": 4, "max_train": 160, "max_val": 100}),
     TargetSpec(
         "left-atrium-mr", "Left atrium (LGE-MRI)", ("MR",),
         (Structure("Left atrium", (0.8, 0.35, 0.55), ANATOMICAL_STRUCTURE, (SCT, "82471001", "Left atrium")),),
         "samsp_la_litemedsam.pt", "la_mri", "3d",
         "LA 2018 challenge data: free for research with citation",
         "Xiong et al., A global benchmark of algorithms for segmenting the left atrium from LGE-MRI, "
-        "Medical Image Analysis 67 (2021) 101832", default_for=("MR",),
+        "Medical Image Analysis 67 (2021) 101832",
         recipe={"epochs": 2, "train_slice_step": 8, "val_volumes": 2}),
     TargetSpec(
         "cardiac-mr", "Heart: RV, myocardium, LV (cine MRI, short axis)", ("MR",),
