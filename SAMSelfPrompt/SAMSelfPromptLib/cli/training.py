@@ -180,6 +180,14 @@ def _train_target(args, config, t0: float) -> int:
     spec = target_spec(args.target)
     if args.epochs is None and spec.recipe.get("epochs"):
         config = replace(config, epochs=int(spec.recipe["epochs"]))
+    if args.lr is None and spec.recipe.get("lr"):
+        config = replace(config, lr=float(spec.recipe["lr"]))
+    if spec.recipe.get("y0_weight"):
+        config = replace(config, y0_weight=float(spec.recipe["y0_weight"]))
+    if args.init is None and spec.recipe.get("init"):  # a shipped SAM-SP start: its pass 1 already finds objects
+        from ..weights.catalogue import WEIGHTS_DIR
+
+        args.init = str(WEIGHTS_DIR / spec.recipe["init"])
     train = target_samples(spec, args.data_root, "train")
     val = target_samples(spec, args.data_root, "val")
     summary = {"source": "target", "target": spec.name, "dataset": spec.dataset, "split": "train", "val_split": "val",

@@ -121,14 +121,14 @@ TARGETS: tuple[TargetSpec, ...] = (
         "samsp_busi_litemedsam.pt", "busi", "2d",
         "BUSI: released for research use with citation; not for redistribution",
         "Al-Dhabyani et al., Dataset of breast ultrasound images, Data in Brief 28 (2020) 104863",
-        recipe={"epochs": 2, "max_train": 120}),
+        recipe={"epochs": 8, "init": "samsp_ctliver_litemedsam.pt", "y0_weight": 1.0, "lr": 5e-4}),
     TargetSpec(
         "fetal-head-us", "Fetal head (ultrasound)", ("US",),
         (Structure("Fetal head", (0.95, 0.8, 0.6), ANATOMICAL_STRUCTURE, (SCT, "69536005", "Head")),),
         "samsp_hc18_litemedsam.pt", "hc18", "2d",
         "HC18 (Zenodo 10.5281/zenodo.1322001): listed as CC BY 4.0, with citation",
         "van den Heuvel et al., Automated measurement of fetal head circumference using 2D ultrasound images, "
-        "PLoS ONE 13(8) 2018", recipe={"epochs": 4, "max_train": 160, "max_val": 100}),
+        "PLoS ONE 13(8) 2018", recipe={"epochs": 12, "max_train": 160, "max_val": 100}),
     TargetSpec(
         "left-atrium-mr", "Left atrium (LGE-MRI)", ("MR",),
         (Structure("Left atrium", (0.8, 0.35, 0.55), ANATOMICAL_STRUCTURE, (SCT, "82471001", "Left atrium")),),
@@ -136,7 +136,7 @@ TARGETS: tuple[TargetSpec, ...] = (
         "LA 2018 challenge data: free for research with citation",
         "Xiong et al., A global benchmark of algorithms for segmenting the left atrium from LGE-MRI, "
         "Medical Image Analysis 67 (2021) 101832",
-        recipe={"epochs": 2, "train_slice_step": 8, "val_volumes": 2}),
+        recipe={"epochs": 10, "train_slice_step": 8, "val_volumes": 2, "init": "samsp_ctliver_litemedsam.pt", "y0_weight": 1.0, "lr": 5e-4}),
     TargetSpec(
         "cardiac-mr", "Heart: RV, myocardium, LV (cine MRI, short axis)", ("MR",),
         (Structure("Right ventricle", (0.3, 0.55, 0.9), ANATOMICAL_STRUCTURE, (SCT, "53085002", "Right ventricle"),
@@ -149,7 +149,7 @@ TARGETS: tuple[TargetSpec, ...] = (
         "ACDC: CC BY-NC-SA 4.0, NON-COMMERCIAL use only; cite Bernard et al. 2018",
         "Bernard et al., Deep learning techniques for automatic MRI cardiac multi-structures segmentation and "
         "diagnosis: is the problem solved?, IEEE TMI 37(11) 2018", noncommercial=True,
-        recipe={"epochs": 2, "train_slice_step": 4}),
+        recipe={"epochs": 10, "train_slice_step": 2, "init": "samsp_ctliver_litemedsam.pt", "y0_weight": 1.0, "lr": 5e-4}),
     TargetSpec(
         "liver-ct", "Liver (CT)", ("CT",),
         (Structure("Liver", (0.87, 0.51, 0.4), ANATOMICAL_STRUCTURE, (SCT, "10200004", "Liver"), label_ids=(5,)),),
