@@ -272,8 +272,9 @@ def start_checkpoint(kind: str) -> tuple[str, Path | None]:
     """
     from ..weights.catalogue import shipped_models
 
+    # A multi-structure checkpoint (cardiac-mr) is no start: Adapt learns one structure.
     models = [m for m in shipped_models() if m.role == "auto" and m.summary.get("method", "samsp") == "samsp"
-              and not (m.summary.get("target") or {}).get("adapted")]
+              and not (m.summary.get("target") or {}).get("adapted") and int(m.summary.get("n_structures") or 1) == 1]
     for want in (kind.upper(), "CT" if kind.upper() != "RGB" else "RGB"):
         for m in models:
             if m.modality == want:
