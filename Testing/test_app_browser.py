@@ -242,7 +242,7 @@ def test_sample_auto_segment_click_undo_export_batch(page, tmp_path, capsys):
     # .seg.nrrd holds the same segment, named, with Slicer's geometry.
     seg = slicerio.read_segmentation(str(export(page, ".seg.nrrd", tmp_path)))
     names = [s["name"] for s in seg["segments"]]
-    assert names == ["SAM-SP"], names
+    assert names == ["Skin lesion"], names  # the dermoscopy-lesion target names its segment
     label = seg["segments"][0]["labelValue"]
     voxels = np.asarray(seg["voxels"])
     voxels = voxels[..., seg["segments"][0].get("layer", 0)] if voxels.ndim == 4 else voxels
@@ -346,7 +346,7 @@ def test_ct_upload_cancel_click_undo_dicom_seg(page, tmp_path, capsys):
     assert seg.Modality == "SEG"
     referenced = {str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == sources
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["SAM-SP (2)"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Liver (2)"]  # named by the liver-ct target
     assert int(np.asarray(seg.pixel_array).sum()) == int((full > 0).sum())
     assert int(seg.NumberOfFrames) == int(full.any(axis=(1, 2)).sum())  # one frame per slice with the segment
     with capsys.disabled():

@@ -185,12 +185,14 @@ class EvalResult:
                     idx = [i for i in range(len(case_ids)) if volumes[i] == vol and structures[i] == structure]
                     if not idx:
                         continue
-                    pred = np.concatenate([preds[i].ravel() for i in idx])
+                    # No expert box exists on a slice without the structure: gt_box paints nothing there.
+                    pred = np.concatenate([preds[i].ravel() if row != "gt_box" or np.asarray(masks[i]).any()
+                                           else np.zeros(preds[i].size, bool) for i in idx])
                     truth = np.concatenate([np.asarray(masks[i], bool).ravel() for i in idx])
                     if truth.any():
                         dices.append(dice(pred, truth))
                     for i in idx:
-                        if not np.asarray(masks[i]).any():
+                        if not np.asarray(masks[i]).any() and row != "gt_box":
                             neg += 1
                             fp += bool(preds[i].any())
                 out[f"{row}/{structure}"] = {"dice3d": float(np.mean(dices)) if dices else float("nan"),
