@@ -8,6 +8,8 @@ speed is measured by `samselfprompt bench` (docs/RESULTS.md, Speed).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +147,29 @@ def test_fast_path_agrees_with_fp32_on_the_ct_series(ct, fast):
     assert float((got - ref).norm() / ref.norm()) < 0.03  # bf16 matmuls, fp32 convolutions: about 1%
 
 
+def test_fused_mbconv_computes_what_the_block_computes(fast):
+    """The fused first stage is the same fp32 arithmetic as TinyViT's MBConv, block by block."""
+    import copy
+
+    from SAMSelfPromptLib.modeling.fast_encoder import FusedMBConv, can_fuse, fold_conv_bn, inference_encoder
+
+    if not can_fuse():
+        pytest.skip("this torch build has no oneDNN fused convolutions: the encoder keeps plain blocks")
+    enc = copy.deepcopy(fast.model.image_encoder).eval()
+    with torch.no_grad():
+        fold_conv_bn(enc)
+    blocks = [m for m in enc.modules() if type(m).__name__ == "MBConv"]
+    assert blocks, "LiteMedSAM's first stage is MBConv blocks"
+    x = torch.randn(1, blocks[0].in_chans, 64, 64).contiguous(memory_format=torch.channels_last)
+    for block in blocks:
+        with torch.no_grad():
+            want = block(x.clone())  # MBConv adds in place into its input's result; keep x intact
+            got = FusedMBConv(block)(x)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), float((got - want).abs().max())
+    fused = inference_encoder(fast.model)
+    assert sum(isinstance(m, FusedMBConv) for m in fused.modules()) == len(blocks)
+
+
 def test_embedding_cache_is_bounded_in_bytes(monkeypatch):
     monkeypatch.setenv("SAMSELFPROMPT_CACHE_MB", "5")
     cache = SliceEmbeddingCache()
@@ -176,3 +201,43 @@ def test_job_keeps_no_results_of_its_own(fast):
     assert sorted(e.payload.index for e in events if e.kind is EventKind.SLICE) == [0, 1, 2]
     _, kept = segment_volume(fast, vol, SegmentOptions(), keep_results=False)
     assert kept == []
+
+
+def test_prefetched_keeps_order_raises_at_the_item_and_stops_its_thread():
+    import threading
+
+    from SAMSelfPromptLib.core.prefetch import prefetched
+
+    seen = []
+
+    def prepare(k):
+        seen.append(k)
+        if k == 3:
+            raise InputError("slice 3 is NaN")
+        return k * k
+
+    got = []
+    with pytest.raises(InputError, match="slice 3"):
+        for k, sq in prefetched(range(6), prepare):
+            got.append((k, sq))
+    assert got == [(0, 0), (1, 1), (2, 4)]  # everything before the bad item, in order
+    assert max(seen) <= 4  # one item ahead at most, never the whole list
+
+    gen = prefetched(range(100), lambda k: k)
+    assert next(gen) == (0, 0)
+    gen.close()  # a cancelled run: the helper thread is shut down, not left behind
+    assert not [t for t in threading.enumerate() if t.name.startswith("samselfprompt-prefetch")]
+
+
+def test_a_slice_evicted_after_it_was_prepared_is_encoded_again(ct, fast):
+    """The prefetch thread skips slices that are cached; one evicted before its turn is prepared then."""
+    volume, _ = ct
+    seg = Segmenter(fast.model, "cpu", fast.metadata)
+    seg.cache = SliceEmbeddingCache(max_bytes=1)  # holds one slice: the newest
+    opts = SegmentOptions(batch_size=1, skip_slices=False)
+    first, _ = segment_volume(seg, volume, replace(opts, slice_range=(10, 12)))  # leaves slice 11 cached
+    assert seg.encoder_calls == 2
+    # Slice 11 is cached when the helper looks at it (so not prepared), then evicted by slice 9.
+    again, _ = segment_volume(seg, volume, replace(opts, slice_range=(9, 12)))
+    assert seg.encoder_calls == 2 + 3
+    assert np.array_equal(again[10:12], first[10:12])

@@ -26,6 +26,7 @@ from .masks import mask_box
 from .orientation import SliceStack
 from .skipping import DEFAULT_STEP, coarse, next_wave, outside_body
 from .memory import trim_heap
+from .prefetch import prefetched
 
 AXIS_NAMES = {"K": 0, "J": 1, "I": 2}
 # Which RAS axis a named anatomical plane's slices are stacked along.
@@ -135,6 +136,11 @@ class SliceEmbeddingCache:
             self._items.move_to_end(key)
             self.hits += 1
             return item
+
+    def __contains__(self, key: tuple) -> bool:
+        """Whether ``key`` is held, without counting a hit or a miss or refreshing its place."""
+        with self._lock:
+            return key in self._items
 
     def put(self, key: tuple, embedding: torch.Tensor, frame: Frame) -> None:
         emb = embedding.detach().to("cpu", torch.float16)
@@ -272,27 +278,57 @@ class Segmenter:
         self, volume: Volume, stack: SliceStack, indices: Sequence[int], intensity: Intensity, batch_size: int = 4,
         cancel: threading.Event | None = None,
     ) -> Iterator[tuple[list[int], torch.Tensor, list[Frame]]]:
-        """Yield (indices, B x 256 x 64 x 64 on device, frames), encoding only uncached slices."""
+        """Yield (indices, B x 256 x 64 x 64 on device, frames), encoding only uncached slices.
+
+        The next batch's slices are prepared on a helper thread while this one is encoded and
+        decoded (core/prefetch.py); on CUDA in pinned memory, copied without blocking."""
         vkey, axis = volume_key(volume), stack.axis
         ikey = tuple(sorted(intensity.to_dict().items()))
+        model_id = self.model.spec.model_id
         encode = self._encoder(len(indices))
-        for start in range(0, len(indices), max(1, batch_size)):
+        step = max(1, batch_size)
+        chunks = [list(indices[start:start + step]) for start in range(0, len(indices), step)]
+
+        def key_of(k: int) -> tuple:
+            return (vkey, axis, k, ikey, model_id)
+
+        def prepare(chunk: list[int]) -> tuple[list[int], torch.Tensor | None, list[Frame]]:
+            # Only what is not cached now; if the cache changes before the chunk's turn, it is redone then.
+            need = [k for k in chunk if key_of(k) not in self.cache]
+            return (need, *self._host_batch(stack, need, intensity, volume.name))
+
+        for chunk, (prepared, batch, frames) in prefetched(chunks, prepare):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled by the user")
-            chunk = list(indices[start:start + batch_size])
-            keys = [(vkey, axis, k, ikey, self.model.spec.model_id) for k in chunk]
+            keys = [key_of(k) for k in chunk]
             cached = [self.cache.get(key) for key in keys]
             todo = [i for i, c in enumerate(cached) if c is None]
             if todo:
-                inputs = [self._slice_input(stack, chunk[i], intensity, volume.name) for i in todo]
-                batch = torch.stack([x for x, _ in inputs]).to(self.device)
-                emb = self._encode(encode, batch)
+                need = [chunk[i] for i in todo]
+                if need != prepared:
+                    batch, frames = self._host_batch(stack, need, intensity, volume.name)
+                emb = self._encode(encode, self._to_device(batch))
                 self.encoder_calls += len(todo)
                 for j, i in enumerate(todo):
-                    self.cache.put(keys[i], emb[j], inputs[j][1])
-                    cached[i] = (emb[j].half(), inputs[j][1])  # as the cache holds it: a re-run decodes the same
+                    self.cache.put(keys[i], emb[j], frames[j])
+                    cached[i] = (emb[j].half(), frames[j])  # as the cache holds it: a re-run decodes the same
             embs = torch.stack([c[0].to(self.device, torch.float32) for c in cached])  # type: ignore[index]
             yield chunk, embs, [c[1] for c in cached]  # type: ignore[index]
+
+    def _host_batch(self, stack: SliceStack, ks: list[int], intensity: Intensity, name: str
+                    ) -> tuple[torch.Tensor | None, list[Frame]]:
+        """The model inputs of slices ``ks`` as one host tensor (pinned for CUDA), and their frames."""
+        if not ks:
+            return None, []
+        inputs = [self._slice_input(stack, k, intensity, name) for k in ks]
+        batch = torch.stack([x for x, _ in inputs])
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # page-locked: the copy to the device can run asynchronously
+        return batch, [f for _, f in inputs]
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A host batch on the model's device; from pinned memory without blocking on CUDA."""
+        return batch.to(self.device, non_blocking=batch.is_pinned())
 
     # --- segmentation -----------------------------------------------------------------------
     def segment(

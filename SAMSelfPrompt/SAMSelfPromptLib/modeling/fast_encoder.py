@@ -11,6 +11,10 @@ autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
   for about a sixth of the time.
 - Every ``Conv2d_BN`` (TinyViT's convolution + BatchNorm pair) folded into one convolution,
   and the copy in channels-last, oneDNN's native convolution layout (fewer reorders).
+- **The first stage's MBConv blocks fused** (``FusedMBConv``): each convolution and the GELU
+  or residual add after it run as one oneDNN call. That stage works on 256 x 256 maps of 256
+  channels, where a separate GELU reads and writes 64 MB per call; fused, the encoder took
+  260 instead of 319 ms per slice (one interleaved run), with the same fp32 arithmetic.
 
 The mask decoder stays fp32 (it is not under autocast). Nothing needs tracing or compiling:
 the copy is built in milliseconds, so it pays from the first slice (the fp32 TorchScript
@@ -26,6 +30,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .backbones import SamBackbone, autocast_for
 
@@ -55,22 +60,78 @@ class Float32(nn.Module):
 
 
 def keep_convs_fp32(module: nn.Module) -> int:
-    """Wrap every Conv2d child in ``Float32``, in place."""
+    """Wrap every Conv2d child in ``Float32`` (those inside a ``FusedMBConv`` excepted), in place."""
     n = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Conv2d):
             setattr(module, name, Float32(child))
             n += 1
-        else:
+        elif not isinstance(child, FusedMBConv):  # already fp32, and calls its convolutions' weights itself
             n += keep_convs_fp32(child)
     return n
 
 
-def inference_encoder(model: SamBackbone, fp32_convs: bool = True) -> nn.Module:
-    """An eval copy of ``model.image_encoder``: Conv+BN folded, convs kept fp32, channels-last."""
+class FusedMBConv(nn.Module):
+    """TinyViT's ``MBConv`` (1x1 conv, GELU, depthwise 3x3, GELU, 1x1 conv, + input, GELU) in fp32,
+    each convolution fused by oneDNN with the GELU or the residual add that follows it.
+
+    Built from an MBConv whose ``Conv2d_BN`` pairs are already folded into plain convolutions."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.expand, self.depthwise, self.project = block.conv1, block.conv2, block.conv3
+        for conv in (self.expand, self.depthwise, self.project):
+            if not isinstance(conv, nn.Conv2d):
+                raise TypeError(f"FusedMBConv needs folded convolutions, got {type(conv).__name__}")
+
+    @staticmethod
+    def _geometry(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
+        return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pointwise = torch.ops.mkldnn._convolution_pointwise
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            y = pointwise(x, self.expand.weight, self.expand.bias, *self._geometry(self.expand), "gelu", [], "none")
+            y = pointwise(y, self.depthwise.weight, self.depthwise.bias, *self._geometry(self.depthwise),
+                          "gelu", [], "none")
+            # project(y) + x in one call; oneDNN has no GELU after a sum post-op, so that one runs apart.
+            y = pointwise.binary(y, x, self.project.weight, self.project.bias, *self._geometry(self.project),
+                                 "add", None, None, [], None)
+            return F.gelu(y)
+
+
+def can_fuse() -> bool:
+    """oneDNN's fused convolutions exist in this torch build (x86 and most ARM CPU builds)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def _exact_gelus(block: nn.Module) -> bool:
+    """The block's three activations are erf GELUs, the one oneDNN's "gelu"/"none" post-op computes.
+    (Its DropPath is the identity in the eval copy.)"""
+    acts = [getattr(block, name, None) for name in ("act1", "act2", "act3")]
+    return all(isinstance(a, nn.GELU) and a.approximate == "none" for a in acts)
+
+
+def fuse_mbconv(module: nn.Module) -> int:
+    """Replace each (folded) ``MBConv`` child by a ``FusedMBConv``, in place; the number replaced."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if type(child).__name__ == "MBConv" and _exact_gelus(child):
+            setattr(module, name, FusedMBConv(child))
+            n += 1
+        else:
+            n += fuse_mbconv(child)
+    return n
+
+
+def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = True) -> nn.Module:
+    """An eval copy of ``model.image_encoder``: Conv+BN folded, MBConv fused, convs kept fp32, channels-last."""
     enc = copy.deepcopy(model.image_encoder).eval()
     with torch.no_grad():
         fold_conv_bn(enc)
+    if fuse and fp32_convs and can_fuse():
+        fuse_mbconv(enc)  # before keep_convs_fp32, which would wrap the convolutions it takes
     if fp32_convs:
         keep_convs_fp32(enc)
     enc = enc.to(memory_format=torch.channels_last)
