@@ -176,8 +176,16 @@ def test_embedding_cache_is_bounded_in_bytes(monkeypatch):
     assert cache.max_bytes == 5 * 2**20
     for k in range(4):
         cache.put(("v", 0, k), torch.zeros(256, 64, 64), None)  # 2 MB each in fp16
-    assert cache._bytes <= cache.max_bytes and cache.get(("v", 0, 0)) is None and cache.get(("v", 0, 3)) is not None
+    assert cache.nbytes <= cache.max_bytes and cache.get(("v", 0, 0)) is None and cache.get(("v", 0, 3)) is not None
     assert cache.get(("v", 0, 3))[0].dtype == torch.float16
+    # One block of slots: what get() returned stays valid when its slot is reused by later puts.
+    held, _ = cache.get(("v", 0, 3))
+    for k in range(4, 8):
+        cache.put(("v", 0, k), torch.full((256, 64, 64), float(k)), None)
+    assert ("v", 0, 3) not in cache and float(held.abs().max()) == 0.0
+    assert float(cache.get(("v", 0, 7))[0][0, 0, 0]) == 7.0
+    cache.put(("other model", 0, 0), torch.ones(256, 32, 32), None)  # another shape: starts over
+    assert ("v", 0, 7) not in cache and cache.get(("other model", 0, 0))[0].shape == (256, 32, 32)
     monkeypatch.setenv("SAMSELFPROMPT_CACHE_MB", "lots")
     with pytest.raises(InputError, match="SAMSELFPROMPT_CACHE_MB"):
         SliceEmbeddingCache()

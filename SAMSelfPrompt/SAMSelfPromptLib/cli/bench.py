@@ -176,7 +176,7 @@ def rss_child(slices: int, size: int, device: str, batch_size: int, threads: int
     summary, _ = run_job(seg, volume, SegmentOptions(batch_size=batch_size))
     print(json.dumps({"peak_rss_mb": peak_rss_mb(),
                       "rss_before_run_mb": before, "seconds": time.perf_counter() - t, "encoded": seg.encoder_calls,
-                      "nonempty": summary["nonempty"], "cache_mb": seg.cache._bytes / 2**20}))
+                      "nonempty": summary["nonempty"], "cache_mb": seg.cache.nbytes / 2**20}))
 
 
 def peak_rss(slices: int, size: int, device: str, batch_size: int, threads: int | None) -> dict:

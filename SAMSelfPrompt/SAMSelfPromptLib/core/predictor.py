@@ -117,15 +117,35 @@ def default_cache_bytes() -> int:
 
 
 class SliceEmbeddingCache:
-    """LRU of slice embeddings (fp16 on the CPU), bounded in bytes (the newest entry is always kept)."""
+    """LRU of slice embeddings (fp16 on the CPU), bounded in bytes (the newest entry is always kept).
+
+    The entries live in one block of slots allocated at the first ``put`` (pages are touched only
+    as slots fill). Kept as separate 2 MB tensors, they were interleaved on the heap with the
+    encoder's short-lived buffers, so the heap could not shrink after each slice: a 300-slice
+    run grew about 400 MB past the cache's own bound. ``get`` returns a copy, because an evicted
+    slot is reused by the next ``put``.
+    """
 
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = default_cache_bytes() if max_bytes is None else max_bytes
-        self._items: OrderedDict[tuple, tuple[torch.Tensor, Frame]] = OrderedDict()
-        self._bytes = 0
+        self._items: OrderedDict[tuple, tuple[int, Frame]] = OrderedDict()  # key -> (slot, frame)
+        self._slots: torch.Tensor | None = None
+        self._free: list[int] = []
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the entries (the block's untouched slots cost no memory)."""
+        if self._slots is None:
+            return 0
+        return len(self._items) * self._slots[0].numel() * self._slots.element_size()
+
+    def __contains__(self, key: tuple) -> bool:
+        """Whether ``key`` is held, without counting a hit or a miss or refreshing its place."""
+        with self._lock:
+            return key in self._items
 
     def get(self, key: tuple) -> tuple[torch.Tensor, Frame] | None:
         with self._lock:
@@ -135,28 +155,35 @@ class SliceEmbeddingCache:
                 return None
             self._items.move_to_end(key)
             self.hits += 1
-            return item
-
-    def __contains__(self, key: tuple) -> bool:
-        """Whether ``key`` is held, without counting a hit or a miss or refreshing its place."""
-        with self._lock:
-            return key in self._items
+            slot, frame = item
+            return self._slots[slot].clone(), frame
 
     def put(self, key: tuple, embedding: torch.Tensor, frame: Frame) -> None:
-        emb = embedding.detach().to("cpu", torch.float16)
+        emb = embedding.detach()
         with self._lock:
             if key in self._items:
                 return
-            self._items[key] = (emb, frame)
-            self._bytes += emb.numel() * 2
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, (old, _) = self._items.popitem(last=False)
-                self._bytes -= old.numel() * 2
+            if self._slots is None or self._slots.shape[1:] != emb.shape:
+                self._allocate(emb.shape)  # the first entry, or another model's shape: start over
+            if not self._free:
+                _, (slot, _) = self._items.popitem(last=False)  # the least recently used
+                self._free.append(slot)
+            slot = self._free.pop()
+            self._slots[slot].copy_(emb)
+            self._items[key] = (slot, frame)
+
+    def _allocate(self, shape: torch.Size) -> None:
+        entry_bytes = 2 * int(np.prod(shape))
+        count = max(1, self.max_bytes // entry_bytes)
+        self._items.clear()
+        self._slots = torch.empty((count, *shape), dtype=torch.float16)
+        self._free = list(range(count - 1, -1, -1))
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
-            self._bytes = 0
+            self._slots = None
+            self._free = []
 
 
 def volume_key(volume: Volume) -> str:
