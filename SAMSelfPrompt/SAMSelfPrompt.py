@@ -105,7 +105,8 @@ class SAMSelfPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clearPointsButton.clicked.connect(self._action(self.controller.clear_points))
         self.ui.adaptButton.clicked.connect(self._action(self.controller.adapt))
         self.ui.adaptTargetButton.clicked.connect(self._action(
-            lambda: self.controller.adapt_target(self.ui.adaptTargetNameLineEdit.text.strip() or "adapted target")))
+            lambda: self.controller.adapt_target(self.ui.adaptTargetNameLineEdit.text.strip() or "adapted target",
+                                                 empty_slices=self.ui.adaptEmptySlicesLineEdit.text)))
         self._shownTargets = None
         self.ui.targetComboBox.currentIndexChanged.connect(self._onTargetChosen)
         self._unsubscribe = self.controller.subscribe(self.render)

@@ -277,6 +277,73 @@ def test_adapt_selects_the_new_checkpoint(controller, ct_node, tmp_path, monkeyp
     assert (view.progress_done, view.progress_total) == (1, 1)
 
 
+def test_parse_slice_list_rule():
+    from SAMSelfPromptLib.slicer.controller import parse_slice_list
+
+    assert parse_slice_list("", N_SLICES) == [] and parse_slice_list(" 3, 7-9;12 ,", N_SLICES) == [3, 7, 8, 9, 12]
+    for text, match in (("3, x", "'x' is not a slice number"), ("9-7", "runs backwards: write it as 7-9"),
+                        ("5, 20", "slice 20 in '20' is past the volume's last slice \\(19\\)"),
+                        ("-2", "'-2' is not a slice number")):
+        with pytest.raises(InputError, match=match):
+            parse_slice_list(text, N_SLICES)
+
+
+def test_load_outlines_makes_a_user_segment_on_the_volume_grid_only(controller, ct_node):
+    """Outlines from a labelmap file (the web app's way to outline): one user segment, on the volume's grid."""
+    from SAMSelfPromptLib.core.volume import Volume
+    from SAMSelfPromptLib.slicer.adapt import user_segments
+
+    volume = controller.logic.volume(ct_node)
+    labels = np.zeros(volume.array.shape, np.uint8)
+    labels[4, 100:140, 200:260] = 3
+    labels[7, 110:150, 210:250] = 1
+    assert controller.load_outlines(Volume(labels[:, :256], volume.ijk_to_ras, None, "half"), "half") is None
+    assert "half is not a labelmap on the grid of" in controller.view().error_text
+    assert controller.load_outlines(Volume(labels * 0, volume.ijk_to_ras, None, "blank"), "blank") is None
+    assert "blank has no nonzero voxel" in controller.view().error_text
+    assert controller.parameters.output_segmentation is None  # nothing was made for a refused file
+
+    sid = controller.load_outlines(Volume(labels, volume.ijk_to_ras, None, "my outlines"), "my outlines")
+    seg = controller.parameters.output_segmentation
+    assert sid is not None and user_segments(seg) == [sid] and controller.view().error_text == ""
+    assert controller.view().status_text.startswith("Outlines 'my outlines' loaded on 2 slice(s) (4, 7)")
+    assert (mrml.segment_array(seg, sid, ct_node) == (labels > 0)).all()
+    assert controller.view().adapt_enabled
+
+
+def test_adapt_target_trains_the_slices_marked_empty(controller, ct_node, tmp_path, monkeypatch):
+    """The Adapt panel as a host drives it: outlines on 2 slices, first/last slice as the extent, the
+    "slices without it" text. A typo is refused by name; the listed slices are trained as absent, the
+    model is saved and offered as a target, and nothing is written outside the extent."""
+    from conftest import shared_path
+
+    from SAMSelfPromptLib.io import read_any
+    from SAMSelfPromptLib.weights.checkpoint import load_samsp
+
+    monkeypatch.setenv("SAMSELFPROMPT_CACHE", str(tmp_path / "cache"))  # the adapted model is saved in there
+    liver = read_any(shared_path("ct_totalseg", "labels.nii.gz")).array == 5  # the series' grid
+    seg = mrml.new_segmentation_for(ct_node, "outlines")
+    user_id = seg.GetSegmentation().AddEmptySegment("", "my liver", [0.8, 0.2, 0.2])
+    for k in (8, 11):
+        mrml.write_slice(seg, user_id, ct_node, 0, k, liver[k])
+    p = controller.parameters
+    p.output_segmentation, p.first_slice, p.last_slice = seg, 6, 13
+
+    assert controller.adapt_target("liver (mine)", empty_slices="2, 15-x") is None
+    assert "'15-x' is not a slice number" in controller.view().error_text and controller.state is State.IDLE
+
+    run = controller.adapt_target("liver (mine)", empty_slices="2, 15-16")
+    assert controller.view().status_text == "Adapt to 'liver (mine)' (slices 6-13), 3 slice(s) marked empty queued..."
+    controller.wait(timeout=900)
+    assert run.status == "done", run.error + run.traceback
+    _, meta = load_samsp(run.result["checkpoint"])
+    assert {2, 15, 16} <= set(meta["adapt"]["negative_slices"]) and meta["adapt"]["extent"] == [6, 13]
+    assert "liver (mine)" in [t.name for t in controller.logic.targets_for(ct_node)]
+    painted = mrml.segment_array(seg, run.segment_id, ct_node)
+    assert painted[6:14].any() and not painted[:6].any() and not painted[14:].any()
+    assert (mrml.segment_array(seg, user_id, ct_node)[[8, 11]] == liver[[8, 11]]).all()  # the outlines are untouched
+
+
 def test_scene_closed_resets_the_controller(controller, ct_node):
     controller.parameters.output_segmentation = mrml.new_segmentation_for(ct_node, "closing")
     controller.click(ras_on_slice(ct_node, 9)(10, 10), True)  # refused: nothing to correct there yet

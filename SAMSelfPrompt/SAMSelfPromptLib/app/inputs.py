@@ -70,6 +70,22 @@ def read_uploads(paths: list[Path]) -> list[Volume]:
     return volumes
 
 
+def read_outlines(paths: list[Path]) -> Volume:
+    """The one labelmap file of outlines the browser sent (any format ``read_any`` reads)."""
+    from ..io.images import read_any
+
+    if len(paths) != 1:
+        raise InputError(f"load one labelmap file of outlines at a time (got {len(paths)} files)")
+    volume = read_any(paths[0])
+    name = paths[0].name
+    for suffix in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    volume.name = name or "Outlines"
+    return volume
+
+
 def sample_volume() -> tuple[Volume, "object"]:
     """The built-in dermoscopy sample as a picture Slicer loads (RGB, one slice), and its truth mask.
 

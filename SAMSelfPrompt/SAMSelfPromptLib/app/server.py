@@ -259,8 +259,10 @@ class SAMSelfPromptWebApp(TrameApp):
         self._guard(self.controller.apply)
 
     def adapt_target(self) -> None:
-        """The Adapt panel: the slice-range fields are the target's extent (controller.adapt_target)."""
-        self._guard(lambda: self.controller.adapt_target(str(self.state.ssp_adapt_name or "").strip()))
+        """The Adapt panel: the slice-range fields are the target's extent, the "without the target"
+        field lists slices trained as absent (controller.adapt_target)."""
+        self._guard(lambda: self.controller.adapt_target(str(self.state.ssp_adapt_name or "").strip(),
+                                                         empty_slices=str(self.state.ssp_adapt_empty or "")))
 
     def toggle_click_mode(self, sign: str) -> None:
         self._guard(lambda: self.controller.set_click_mode(None if self.controller.click_mode == sign else sign))
@@ -279,6 +281,22 @@ class SAMSelfPromptWebApp(TrameApp):
         self._uploads += 1
         folder = Path(self.work_dir.name) / f"upload-{self._uploads}"
         self._guard(lambda: self._add_volumes(lambda: inputs.read_uploads(inputs.save_uploads(files or [], folder))))
+
+    def upload_outlines(self, files: list[dict]) -> None:
+        """A labelmap file of outlines on the input volume's grid: a segment the user made, for Adapt."""
+        self._uploads += 1
+        folder = Path(self.work_dir.name) / f"outlines-{self._uploads}"
+        self._guard(lambda: self._load_outlines(inputs.save_uploads(files or [], folder)))
+
+    def _load_outlines(self, paths: list[Path]) -> None:
+        self.state.ssp_message = ""
+        try:
+            outlines = inputs.read_outlines(paths)
+        except SamSelfPromptError as exc:
+            self.state.ssp_message = str(exc)
+            return
+        if self.controller.load_outlines(outlines, outlines.name) is not None:
+            self._update_export()
 
     def export_file(self) -> dict[str, Any] | None:
         """The export the browser downloads: {name, mime, data} (data is a binary attachment)."""
@@ -426,12 +444,20 @@ class SAMSelfPromptWebApp(TrameApp):
                 html.Div("{{ ssp_view.target_text }}", id="ssp-target-text", classes="text-caption text-medium-emphasis")
 
                 v3.VDivider()
-                html.Div("Adapt to a new target: outline it on a few slices (optionally set its first/last slice "
-                         "above), name it, press Adapt. The rest of the volume is segmented after training.",
+                html.Div("Adapt to a new target: load its outlines on a few slices (a labelmap file on this "
+                         "volume's grid, the pen button), optionally set its first/last slice above and list slices "
+                         "without it, name it, press Adapt. The rest of the volume is segmented after training.",
                          classes="text-caption")
                 with html.Div(classes="d-flex ga-2 align-center"):
                     v3.VTextField(id="ssp-adapt-name", label="Target name", v_model=("ssp_adapt_name", ""),
                                   disabled=("ssp_view.busy",), **dense)
+                    v3.VTextField(id="ssp-adapt-empty", label="Slices without it", placeholder="e.g. 3, 7-9",
+                                  v_model=("ssp_adapt_empty", ""), disabled=("ssp_view.busy",), **dense)
+                    v3.VFileInput(
+                        id="ssp-outlines", hide_input=True, prepend_icon="mdi-draw",
+                        title="Load outlines: a labelmap file (.nii.gz, .nrrd, ...) on this volume's grid",
+                        style="max-width: 48px;", change=(self.upload_outlines, "[$event.target.files]"), **dense,
+                    )
                     v3.VBtn("Adapt", id="ssp-adapt", prepend_icon="mdi-school",
                             disabled=("ssp_view.busy || !ssp_view.adapt_enabled || !ssp_adapt_name",),
                             click=self.adapt_target)

@@ -148,6 +148,31 @@ def slice_range(first: int, last: int, n_slices: int) -> tuple[int, int] | None:
     return None if (first, stop) == (0, n_slices) else (first, stop)
 
 
+def parse_slice_list(text: str, n_slices: int) -> list[int]:
+    """Slice numbers from a field such as "3, 7-9" (0-based, ranges inclusive); "" is none.
+
+    Adapt trains the slices listed as "target absent", so a typo must not silently drop one:
+    anything unreadable or outside the volume is an InputError that names it."""
+    out: set[int] = set()
+    for part in str(text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo_text, dash, hi_text = part.partition("-")
+        try:
+            lo = int(lo_text)
+            hi = int(hi_text) if dash else lo
+        except ValueError:
+            raise InputError(f"'{part}' is not a slice number or a range such as 7-9 "
+                             "(list the slices without the target, e.g. 3, 7-9)") from None
+        if lo > hi:
+            raise InputError(f"slice range '{part}' runs backwards: write it as {hi}-{lo}")
+        if hi >= n_slices:
+            raise InputError(f"slice {hi} in '{part}' is past the volume's last slice ({n_slices - 1})")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
 class ModuleController:
     """The module's state and actions over one Logic; see the module docstring."""
 
@@ -301,14 +326,18 @@ class ModuleController:
                 if mrml.segment_tag(segmentation.GetNthSegment(i), mrml.SOURCE_TAG) is not None]
         return ours[-1] if ours else None
 
+    def _slice_count(self, volume_node) -> int:
+        """Slices of ``volume_node`` along the chosen axis (1 for a picture)."""
+        from ..core.predictor import resolve_axis  # lazily: it imports torch
+
+        volume = self.logic.volume(volume_node)  # the Logic's cached copy, which the run then reuses
+        return 1 if volume.is_rgb else volume.shape_kji[resolve_axis(volume, self.parameters.slice_axis)]
+
     def _slice_range_for(self, volume_node) -> tuple[int, int] | None:
         p = self.parameters
         if p.first_slice == 0 and p.last_slice == LAST_SLICE:
             return None  # the whole volume: no need to read its size here
-        from ..core.predictor import resolve_axis  # lazily: it imports torch
-
-        volume = self.logic.volume(volume_node)  # the Logic's cached copy, which the run then reuses
-        n = 1 if volume.is_rgb else volume.shape_kji[resolve_axis(volume, p.slice_axis)]
+        n = self._slice_count(volume_node)
         try:
             return slice_range(p.first_slice, p.last_slice, n)
         except InputError as exc:
@@ -557,13 +586,15 @@ class ModuleController:
             return self._refuse(str(exc), error=True)
         return self._start(run, f"Adapt on {len(ids)} segment(s) queued...")
 
-    def adapt_target(self, name: str, segment_id: str | None = None, *, empty_slices: Sequence[int] = (),
+    def adapt_target(self, name: str, segment_id: str | None = None, *, empty_slices: Sequence[int] | str = (),
                      allow_model_output: bool = False):
         """Adapt to a new target named ``name``: the user outlined it on a few slices of the output
         segmentation's segment ``segment_id`` (default: the last segment they made) and may have set its
         first/last slice in the slice-range fields (then the extent: nothing is learnt as "present" or
-        written outside it). Trains in the background (progress, Cancel), saves the model as a user
-        target, then writes the rest of the volume into a new segment named ``name``."""
+        written outside it) and listed slices without it (``empty_slices``: numbers, or the panel's
+        text such as "3, 7-9"; trained as "absent"). Trains in the background (progress, Cancel),
+        saves the model as a user target, then writes the rest of the volume into a new segment named
+        ``name``."""
         if not self._can_start("Adapt"):
             return None
         p = self.parameters
@@ -584,13 +615,57 @@ class ModuleController:
                 return None
             span = self._slice_range_for(p.input_volume)
             extent = None if span is None else (span[0], span[1] - 1)
+            if isinstance(empty_slices, str):
+                empty_slices = parse_slice_list(empty_slices, self._slice_count(p.input_volume))
             run = self.logic.start_adapt_target(p.input_volume, seg, sid, name, extent=extent,
                                                 empty_slices=empty_slices, axis=p.slice_axis, device=p.device,
                                                 allow_model_output=allow_model_output)
         except SamSelfPromptError as exc:
             return self._refuse(str(exc), error=True)
         where = f" (slices {extent[0]}-{extent[1]})" if extent else ""
-        return self._start(run, f"Adapt to '{name}'{where} queued...")
+        marked = f", {len(empty_slices)} slice(s) marked empty" if len(empty_slices) else ""
+        return self._start(run, f"Adapt to '{name}'{where}{marked} queued...")
+
+    def load_outlines(self, outlines, name: str = "Outlines") -> str | None:
+        """Outlines drawn in another tool (an engine Volume read from a labelmap file on the input
+        volume's grid) as a segment the user made in the output segmentation, for Adapt to a new
+        target: every nonzero voxel is outlined. A host without a Segment Editor (the web app) loads
+        them this way. Returns the new segment's id; nothing the user made before is changed."""
+        import numpy as np
+
+        from . import mrml
+
+        p = self.parameters
+        self.error = ""
+        if p.input_volume is None:
+            return self._refuse("Choose the input volume the outlines were drawn on first.", error=True)
+        if not self._can_start("Loading outlines"):
+            return None
+        try:
+            volume = self.logic.volume(p.input_volume)
+            same_grid = (outlines.array.shape == volume.array.shape
+                         and np.allclose(outlines.ijk_to_ras, volume.ijk_to_ras, atol=1e-3))
+            if outlines.is_rgb or not same_grid:
+                raise InputError(f"{name} is not a labelmap on the grid of {p.input_volume.GetName()} (its array "
+                                 f"{tuple(outlines.array.shape)} against the volume's {tuple(volume.array.shape)}, or "
+                                 "another position or direction): save the outlines on that volume's grid")
+            mask = np.asarray(outlines.array) > 0
+            outlined = [int(k) for k in np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))]
+            if not outlined:
+                raise InputError(f"{name} has no nonzero voxel: nothing is outlined in it")
+            seg = p.output_segmentation or mrml.new_segmentation_for(p.input_volume,
+                                                                     f"{p.input_volume.GetName()} outlines")
+            mrml.check_same_grid(seg, p.input_volume)
+        except SamSelfPromptError as exc:
+            return self._refuse(str(exc), error=True)
+        sid = seg.GetSegmentation().AddEmptySegment("", name, [0.95, 0.75, 0.2])
+        mrml.write_segment_array(seg, sid, p.input_volume, mask)
+        p.output_segmentation = seg
+        shown = ", ".join(map(str, outlined[:8])) + (", ..." if len(outlined) > 8 else "")
+        self.status = (f"Outlines '{name}' loaded on {len(outlined)} slice(s) ({shown}). Name the target, "
+                       "optionally set its first/last slice and the slices without it, then press Adapt.")
+        self.refresh()
+        return sid
 
     # --- module and scene lifetime ----------------------------------------------------------------
     def module_entered(self) -> None:
