@@ -109,3 +109,16 @@ def torch_cpu():
     import torch
 
     return torch.device("cpu")
+
+
+def test_bench_input_may_be_a_data_folder_split():
+    """--input ../shared/data/ph2 --split val: each val picture, fast against naive; the mean and the lowest."""
+    from conftest import shared_path
+
+    from SAMSelfPromptLib.cli.bench import compare_inputs, input_files
+
+    paths = input_files(str(shared_path("ph2")), "val")
+    assert len(paths) == 40 and all(p.is_file() and p.parent.name == "images" for p in paths)
+    r = compare_inputs(paths[:2], torch_cpu(), batch_size=1)
+    assert r["input_slices"] == 2 and len(r["inputs"]) == 2 and "Skin lesion" in r["input_model"]
+    assert r["dice_vs_naive_min"] <= r["dice_vs_naive"] and r["dice_vs_naive_min"] >= 0.97

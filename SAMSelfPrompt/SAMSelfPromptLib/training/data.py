@@ -70,7 +70,7 @@ def folder_ids(root: str | Path, split: str | None = None) -> list[str]:
     return sorted(p.stem for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _find(folder: Path, case_id: str) -> Path:
+def find_case_file(folder: Path, case_id: str) -> Path:
     for suffix in IMAGE_SUFFIXES:
         path = folder / f"{case_id}{suffix}"
         if path.is_file():
@@ -89,8 +89,8 @@ def load_folder(root: str | Path, split: str | None = None, ids: Iterable[str] |
     ids = list(ids) if ids is not None else folder_ids(root, split)
     samples = []
     for case_id in ids:
-        image = _read_picture(_find(root / "images", case_id))
-        mask = _read_mask(_find(root / "masks", case_id))
+        image = _read_picture(find_case_file(root / "images", case_id))
+        mask = _read_mask(find_case_file(root / "masks", case_id))
         if mask.shape != image.shape[:2]:
             raise InputError(f"{case_id}: mask shape {mask.shape} differs from image shape {image.shape[:2]}")
         intensity = Intensity("RGB") if image.ndim == 3 else guess_intensity(image[np.newaxis])
