@@ -311,10 +311,11 @@ def test_load_outlines_makes_a_user_segment_on_the_volume_grid_only(controller, 
     assert controller.view().adapt_enabled
 
 
-def test_adapt_target_trains_the_slices_marked_empty(controller, ct_node, tmp_path, monkeypatch):
+def test_adapt_target_trains_the_slices_marked_empty(controller, ct_node, tmp_path, monkeypatch, capsys):
     """The Adapt panel as a host drives it: outlines on 2 slices, first/last slice as the extent, the
     "slices without it" text. A typo is refused by name; the listed slices are trained as absent, the
-    model is saved and offered as a target, and nothing is written outside the extent."""
+    model is saved and offered as a target (in later sessions and on the command line too), and nothing
+    is written outside the extent."""
     from conftest import shared_path
 
     from SAMSelfPromptLib.io import read_any
@@ -342,6 +343,22 @@ def test_adapt_target_trains_the_slices_marked_empty(controller, ct_node, tmp_pa
     painted = mrml.segment_array(seg, run.segment_id, ct_node)
     assert painted[6:14].any() and not painted[:6].any() and not painted[14:].any()
     assert (mrml.segment_array(seg, user_id, ct_node)[[8, 11]] == liver[[8, 11]]).all()  # the outlines are untouched
+
+    # The next session (a new Logic, Slicer restarted) still offers it, and so do the command-line tools.
+    from SAMSelfPromptLib.cli.main import main as cli
+    from SAMSelfPromptLib.slicer.logic import SAMSelfPromptLogic
+
+    later = SAMSelfPromptLogic()
+    try:
+        assert "liver (mine)" in [t.name for t in later.targets_for(ct_node)]
+    finally:
+        later.shutdown()
+    assert cli(["models"]) == 0
+    assert "liver (mine)" in capsys.readouterr().out
+    out = tmp_path / "mine.nii.gz"
+    assert cli(["segment", str(shared_path("ct_totalseg", "dicom")), "-o", str(out), "--target", "liver (mine)",
+                "--slices", "9:10", "--quiet"]) == 0
+    assert read_any(out).array[9].any()
 
 
 def test_scene_closed_resets_the_controller(controller, ct_node):

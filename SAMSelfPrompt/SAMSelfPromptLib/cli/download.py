@@ -88,6 +88,13 @@ def print_targets() -> None:
     for name, t in shipped.items():
         if name not in {s.name for s in TARGETS}:
             print(f"  {name:18s} {'/'.join(t.kinds):4s} {', '.join(s.name for s in t.structures)} ({t.path.name})")
+    from ..weights.catalogue import adapted_dir, saved_user_targets
+
+    mine = saved_user_targets()
+    if mine:
+        print(f"Your targets (made with Adapt, in {adapted_dir()}; `segment --target NAME`):")
+        for t in mine:
+            print(f"  {t.name:18s} {'/'.join(t.kinds):4s} {', '.join(s.name for s in t.structures)} ({t.path})")
 
 
 def register(subparsers) -> None:

@@ -144,14 +144,15 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
         raise InputError(f"{out_path}: a DICOM-SEG output needs a DICOM series as input ({case.path} is not "
                          "DICOM); save as .seg.nrrd or .nii.gz instead")
     check_segmentable(volume, resolve_axis(volume, args.axis), parse_slices(args.slices))  # before the model loads
-    from ..weights.catalogue import input_kind
+    from ..weights.catalogue import input_kind, saved_user_targets
 
     # The guard: with no target fitting this input's kind, NoTargetError (exit 2) before any model runs.
     key = (input_kind(volume.modality, volume.is_rgb, volume.array), args.target)
     if key not in opened_cache:
         opened_cache[key] = open_segmenter(args.model, args.weights, args.checkpoint, args.device,
                                            volume.modality, volume.is_rgb, target=args.target,
-                                           array=volume.array, force_target=args.force_target)
+                                           array=volume.array, force_target=args.force_target,
+                                           extra_targets=saved_user_targets() if args.target else ())
         opened_cache[key].segmenter.trace_encoder = True  # long CPU runs trace the encoder once
         if getattr(args, "precision", None):  # before the first slice: the encoder is built for it
             from ..modeling.backbones import resolve_precision

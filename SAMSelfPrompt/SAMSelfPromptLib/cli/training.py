@@ -103,6 +103,30 @@ def _cache(args):
     return DiskEmbeddingCache(args.cache)
 
 
+def windowed_as_segment_runs(samples: list, metadata: dict) -> list:
+    """Each volume's slices with the window ``segment`` shows the model for this checkpoint (its
+    "field_of_view_mm", core/preprocess.scale_window), so evaluate scores what users get. Every row
+    (vanilla prompts included) then sees that window; pictures and checkpoints without it are unchanged."""
+    from dataclasses import replace
+
+    from ..core.preprocess import scale_window
+
+    fov = metadata.get("field_of_view_mm")
+    if not fov:
+        return samples
+    by_case: dict[str, list[int]] = {}
+    for n, s in enumerate(samples):
+        if s.image.ndim == 2:  # a volume's slices are "<volume>:<k>" (training.data.volume_samples)
+            by_case.setdefault(s.case_id.rsplit(":", 1)[0], []).append(n)
+    out = list(samples)
+    for idx in by_case.values():
+        first = samples[idx[0]]
+        window = scale_window([samples[n].image for n in idx], first.spacing, float(fov), first.intensity)
+        for n in idx:
+            out[n] = replace(samples[n], window=window)
+    return out
+
+
 def _volume_samples(image: str, label: str, ids, window: str):
     from ..training.data import load_volume
 
@@ -273,6 +297,7 @@ def run_evaluate(args) -> int:
         model, meta = load_samsp(ckpt)
         trained["samsp"] = model.to(device)
         thresholds["samsp"] = float(meta.get("presence_threshold") or 0.0)
+        samples = windowed_as_segment_runs(samples, meta)
     if args.promise_checkpoint:
         trained["promise"] = load_samsp(args.promise_checkpoint)[0].to(device)
     if args.alpha0_checkpoint:

@@ -19,7 +19,8 @@ from ..modeling.traced_encoder import encoder_for
 from ..modeling.fast_encoder import fast_encoder
 from .volume import Volume, check_segmentable, finite_slice
 from ..modeling.backbones import SamBackbone, autocast_for, pick_device, resolve_precision
-from .preprocess import Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, to_model_input
+from .preprocess import (Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, scale_window,
+                         to_model_input)
 from .selfprompt import SelfPromptOutput, absent, box_from_logits, box_prompt, refine, self_prompt
 from .promise import promise_prompt, promise_refine
 from .masks import mask_box
@@ -215,6 +216,7 @@ class Segmenter:
         self.trace_encoder = False
         self._traced_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._fast_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._windows: dict[tuple, tuple[int, int, int, int] | None] = {}  # scale_window per volume
         # Set when the device ran out of memory: the most slices encoded at once from then on.
         self.max_encode_batch: int | None = None
         self.oom_retries = 0
@@ -267,10 +269,26 @@ class Segmenter:
             return Intensity.from_dict(trained)
         return guessed
 
-    def _slice_input(self, stack: SliceStack, k: int, intensity: Intensity, name: str = "volume"
-                     ) -> tuple[torch.Tensor, Frame]:
+    def _slice_input(self, stack: SliceStack, k: int, intensity: Intensity, name: str = "volume",
+                     window: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, Frame]:
         pixels = finite_slice(stack.pixels[k], name, k)  # a NaN slice ends the run here, whole slices before it
-        return to_model_input(normalize_slice(pixels, intensity), self.model.image_size)
+        return to_model_input(normalize_slice(pixels, intensity), self.model.image_size, window)
+
+    def scale_window(self, volume: Volume, stack: SliceStack, intensity: Intensity
+                     ) -> tuple[int, int, int, int] | None:
+        """The part of each slice the model sees: a window of the field of view it was trained at
+        (checkpoint metadata "field_of_view_mm", core/preprocess.scale_window), else the whole slice."""
+        fov = self.metadata.get("field_of_view_mm")
+        if not fov or volume.is_rgb:
+            return None
+        key = (volume_key(volume), stack.axis, tuple(sorted(intensity.to_dict().items())))
+        if key not in self._windows:
+            kji = volume.spacing[::-1]  # mm along the array's k, j, i axes
+            rows_cols = [float(kji[a]) for a in range(3) if a != stack.axis]
+            if stack.orient.transpose:
+                rows_cols.reverse()
+            self._windows[key] = scale_window(stack.pixels, (rows_cols[0], rows_cols[1]), float(fov), intensity)
+        return self._windows[key]
 
     def _encode(self, encode: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         """Encode ``batch``, splitting it when the device runs out of memory.
@@ -310,7 +328,8 @@ class Segmenter:
         The next batch's slices are prepared on a helper thread while this one is encoded and
         decoded (core/prefetch.py); on CUDA in pinned memory, copied without blocking."""
         vkey, axis = volume_key(volume), stack.axis
-        ikey = tuple(sorted(intensity.to_dict().items()))
+        window = self.scale_window(volume, stack, intensity)
+        ikey = (tuple(sorted(intensity.to_dict().items())), window)  # another window is another embedding
         model_id = self.model.spec.model_id
         encode = self._encoder(len(indices))
         step = max(1, batch_size)
@@ -322,7 +341,7 @@ class Segmenter:
         def prepare(chunk: list[int]) -> tuple[list[int], torch.Tensor | None, list[Frame]]:
             # Only what is not cached now; if the cache changes before the chunk's turn, it is redone then.
             need = [k for k in chunk if key_of(k) not in self.cache]
-            return (need, *self._host_batch(stack, need, intensity, volume.name))
+            return (need, *self._host_batch(stack, need, intensity, volume.name, window))
 
         for chunk, (prepared, batch, frames) in prefetched(chunks, prepare):
             if cancel is not None and cancel.is_set():
@@ -333,7 +352,7 @@ class Segmenter:
             if todo:
                 need = [chunk[i] for i in todo]
                 if need != prepared:
-                    batch, frames = self._host_batch(stack, need, intensity, volume.name)
+                    batch, frames = self._host_batch(stack, need, intensity, volume.name, window)
                 emb = self._encode(encode, self._to_device(batch))
                 self.encoder_calls += len(todo)
                 for j, i in enumerate(todo):
@@ -342,12 +361,12 @@ class Segmenter:
             embs = torch.stack([c[0].to(self.device, torch.float32) for c in cached])  # type: ignore[index]
             yield chunk, embs, [c[1] for c in cached]  # type: ignore[index]
 
-    def _host_batch(self, stack: SliceStack, ks: list[int], intensity: Intensity, name: str
-                    ) -> tuple[torch.Tensor | None, list[Frame]]:
+    def _host_batch(self, stack: SliceStack, ks: list[int], intensity: Intensity, name: str,
+                    window: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor | None, list[Frame]]:
         """The model inputs of slices ``ks`` as one host tensor (pinned for CUDA), and their frames."""
         if not ks:
             return None, []
-        inputs = [self._slice_input(stack, k, intensity, name) for k in ks]
+        inputs = [self._slice_input(stack, k, intensity, name, window) for k in ks]
         batch = torch.stack([x for x, _ in inputs])
         if self.device.type == "cuda":
             batch = batch.pin_memory()  # page-locked: the copy to the device can run asynchronously

@@ -81,9 +81,10 @@ def training_pairs(pairs: Sequence[tuple[Any, Any, str]], axis: str | int = "aut
 
 
 def adapted_dir() -> Path:
-    from ..io.files import cache_dir
+    """Where Adapt saves what it trains (the engine's folder, which the target menus read)."""
+    from ..weights.catalogue import adapted_dir as folder
 
-    return cache_dir() / "adapted"
+    return folder()
 
 
 def adapt_job(samples, model: str, checkpoint, out_dir, epochs: int, device: str = "auto"):

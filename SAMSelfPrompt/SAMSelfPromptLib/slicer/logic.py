@@ -64,11 +64,18 @@ class SAMSelfPromptLogic:
                             array=volume.array, force_target=force_target, extra_targets=self.user_targets())
 
     def user_targets(self) -> tuple:
-        """The models Adapt saved in this session, offered as targets like the shipped ones."""
-        from ..weights.catalogue import target_of_checkpoint
+        """The targets users made with Adapt, offered like the shipped ones: those saved in the adapted
+        folder in this session or an earlier one, and those this session saved anywhere else. A name
+        adapted again in this session is this session's latest model."""
+        from ..weights.catalogue import saved_user_targets, target_of_checkpoint
 
-        found = (target_of_checkpoint(Path(p)) for p in self.adapted_checkpoints if Path(p).is_file())
-        return tuple(t for t in found if t is not None)
+        session: dict[str, object] = {}
+        for path in self.adapted_checkpoints:
+            target = target_of_checkpoint(Path(path)) if Path(path).is_file() else None
+            if target is not None:
+                session.pop(target.name, None)
+                session[target.name] = target
+        return tuple(t for t in saved_user_targets() if t.name not in session) + tuple(session.values())
 
     def targets_for(self, volume_node) -> list:
         """The targets that fit this volume, the default first (for a host's target menu)."""

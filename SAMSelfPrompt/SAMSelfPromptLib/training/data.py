@@ -28,6 +28,7 @@ class Sample:
     intensity: Intensity
     spacing: tuple[float, float] = (1.0, 1.0)  # (row, col) pixel size, mm where known
     structure: int = 0  # which structure of a multi-structure target the mask is (0 for one structure)
+    window: tuple[int, int, int, int] | None = None  # the part the model sees (preprocess.scale_window)
 
     @property
     def has_label(self) -> bool:

@@ -56,7 +56,16 @@ def encoder_fingerprint(model: SamBackbone) -> str:
 
 def model_input(sample: Sample, image_size: int) -> tuple[torch.Tensor, Frame]:
     """The preprocessing every path shares: intensity to [0, 1], resize, pad."""
-    return to_model_input(normalize_slice(sample.image, sample.intensity), image_size)
+    return to_model_input(normalize_slice(sample.image, sample.intensity), image_size, sample.window)
+
+
+def sample_frame(sample: Sample, image_size: int) -> Frame:
+    """Where ``sample`` sits in the model input (its window included), without preprocessing it."""
+    h, w = sample.image.shape[:2]
+    if sample.window is None:
+        return Frame(h, w, image_size)
+    top, left, wh, ww = sample.window
+    return Frame(wh, ww, image_size, top, left, h, w)
 
 
 def encoder_precision(model: SamBackbone) -> str:
@@ -72,6 +81,7 @@ def cache_key(sample: Sample, model: SamBackbone) -> str:
         "shape": list(pixels.shape),
         "dtype": str(pixels.dtype),
         "intensity": sample.intensity.to_dict(),
+        **({"window": list(sample.window)} if sample.window is not None else {}),  # old keys stay valid
         "image_size": model.image_size,
         "pixel_norm": model.spec.pixel_norm,
         "model": model.spec.model_id,
@@ -132,8 +142,7 @@ class DiskEmbeddingCache:
         first: dict[str, int] = {}  # a sample listed twice (e.g. train = val) is encoded once
         for i, (sample, key) in enumerate(zip(samples, keys)):
             emb = self.load(key) if key not in first else None
-            h, w = sample.image.shape[:2]
-            frames.append(Frame(h, w, model.image_size))
+            frames.append(sample_frame(sample, model.image_size))
             out.append(emb)
             if emb is None and key not in first:
                 todo.append(i)

@@ -36,7 +36,7 @@ from ..modeling.backbones import SamBackbone, autocast_for
 from ..core.preprocess import Frame, mask_to_low_res
 from ..core.selfprompt import box_from_logits
 from .data import Sample
-from .embedding_cache import DiskEmbeddingCache, check_cancel, model_input
+from .embedding_cache import DiskEmbeddingCache, check_cancel, model_input, sample_frame
 from .losses import absence_loss, balanced_bce, dice_loss, presence_score_loss, samsp_loss
 
 
@@ -186,7 +186,7 @@ class Batches:
 
     def __init__(self, samples: Sequence[Sample], model: SamBackbone, mode: str, cache: DiskEmbeddingCache | None,
                  progress: bool, trace: bool = True, cancel: threading.Event | None = None):
-        self.frames = [Frame(s.image.shape[0], s.image.shape[1], model.image_size) for s in samples]
+        self.frames = [sample_frame(s, model.image_size) for s in samples]
         if mode == "cpu":
             self.inputs, _ = (cache or DiskEmbeddingCache()).embed(model, samples, progress=progress, desc="caching embeddings",
                                                                    trace=trace, cancel=cancel)
@@ -426,7 +426,7 @@ def train(
                     val_emb = torch.cat([model.encode(torch.stack([model_input(s, model.image_size)[0]
                                                                    for s in val_samples[i:i + 8]]).to(device)).float().cpu()
                                          for i in range(0, len(val_samples), 8)])
-                val_frames = [Frame(s.image.shape[0], s.image.shape[1], model.image_size) for s in val_samples]
+                val_frames = [sample_frame(s, model.image_size) for s in val_samples]
             val = evaluate_val(model, val_samples, val_emb, val_frames)
             entry["val"] = val
             if val["score"] > best["val"].get("score", -1.0):

@@ -266,6 +266,36 @@ def target_of_checkpoint(checkpoint: Path) -> Target | None:
     return Target.from_summary(checkpoint.stem, checkpoint, meta)
 
 
+def adapted_dir() -> Path:
+    """Where Adapt in Slicer and the web app saves the targets users make: <cache>/adapted."""
+    from ..io.files import cache_dir
+
+    return cache_dir() / "adapted"
+
+
+def saved_user_targets(folder: Path | None = None) -> tuple[Target, ...]:
+    """The targets Adapt saved in ``folder`` (default ``adapted_dir()``), from this session or any earlier
+    one; where two have the same name (the user adapted it again), the newest file."""
+    folder = adapted_dir() if folder is None else Path(folder)
+    if not folder.is_dir():
+        return ()
+    files = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    newest: dict[str, Target] = {}
+    for path in files:
+        target = _user_target(str(path), path.stat().st_mtime_ns)
+        if target is not None:
+            newest.pop(target.name, None)
+            newest[target.name] = target
+    return tuple(newest.values())
+
+
+@lru_cache(maxsize=256)
+def _user_target(path: str, mtime_ns: int) -> Target | None:
+    """One file's target, read once per version of the file (the menus ask on every refresh)."""
+    target = target_of_checkpoint(Path(path))
+    return target if target is not None and target.user else None
+
+
 @dataclass
 class OpenedModel:
     segmenter: Segmenter
