@@ -14,6 +14,7 @@ import pytest
 import mrml_helpers  # noqa: F401  (installs the shims before slicer is imported)
 
 import slicer
+from SAMSelfPromptLib.core.masks import dice
 from SAMSelfPromptLib.errors import InputError
 from SAMSelfPromptLib.slicer import mrml
 from SAMSelfPromptLib.slicer.controller import (LAST_SLICE, NEGATIVE, OVERWRITE, POSITIVE, ModuleController,
@@ -311,54 +312,59 @@ def test_load_outlines_makes_a_user_segment_on_the_volume_grid_only(controller, 
     assert controller.view().adapt_enabled
 
 
-def test_adapt_target_trains_the_slices_marked_empty(controller, ct_node, tmp_path, monkeypatch, capsys):
-    """The Adapt panel as a host drives it: outlines on 2 slices, first/last slice as the extent, the
-    "slices without it" text. A typo is refused by name; the listed slices are trained as absent, the
-    model is saved and offered as a target (in later sessions and on the command line too), and nothing
-    is written outside the extent."""
+def test_adapt_target_trains_the_slices_marked_empty(controller, tmp_path, monkeypatch, capsys):
+    """The Adapt panel as a host drives it, on a real LGE-MRI crop (left atrium on slices 7-18 of 19):
+    outlines on 2 slices, first/last slice as the extent, the "slices without it" text. A typo is refused
+    by name; the listed slices are trained as absent, the model is saved and offered as a target (in
+    later sessions and on the command line too), and nothing is written outside the extent."""
+    import SimpleITK as sitk
     from conftest import shared_path
 
-    from SAMSelfPromptLib.io import read_any
+    from SAMSelfPromptLib.cli.main import main as cli
+    from SAMSelfPromptLib.slicer.logic import SAMSelfPromptLogic
+    from SAMSelfPromptLib.training.data import read_volume
     from SAMSelfPromptLib.weights.checkpoint import load_samsp
 
     monkeypatch.setenv("SAMSELFPROMPT_CACHE", str(tmp_path / "cache"))  # the adapted model is saved in there
-    liver = read_any(shared_path("ct_totalseg", "labels.nii.gz")).array == 5  # the series' grid
-    seg = mrml.new_segmentation_for(ct_node, "outlines")
-    user_id = seg.GetSegmentation().AddEmptySegment("", "my liver", [0.8, 0.2, 0.2])
-    for k in (8, 11):
-        mrml.write_slice(seg, user_id, ct_node, 0, k, liver[k])
+    crop = (slice(12, 31), slice(40, 136), slice(30, 126))  # as test_adapt.la_crop
+    image, _ = read_volume(shared_path("la_mri", "images", "23X6SY44VT9KFHR7S7OC.nii.gz"))
+    labels, _ = read_volume(shared_path("la_mri", "labels", "23X6SY44VT9KFHR7S7OC.nii.gz"))
+    image, atrium = image[crop].astype(np.float32), labels[crop] == 1
+    node = slicer.util.addVolumeFromArray(image, name="LA crop")
+    seg = mrml.new_segmentation_for(node, "outlines")
+    user_id = seg.GetSegmentation().AddEmptySegment("", "my atrium", [0.8, 0.2, 0.2])
+    for k in (10, 15):
+        mrml.write_slice(seg, user_id, node, 0, k, atrium[k])
     p = controller.parameters
-    p.output_segmentation, p.first_slice, p.last_slice = seg, 6, 13
+    p.input_volume, p.output_segmentation, p.first_slice, p.last_slice = node, seg, 5, 18
 
-    assert controller.adapt_target("liver (mine)", empty_slices="2, 15-x") is None
-    assert "'15-x' is not a slice number" in controller.view().error_text and controller.state is State.IDLE
+    assert controller.adapt_target("atrium (mine)", empty_slices="0, 1-x") is None
+    assert "'1-x' is not a slice number" in controller.view().error_text and controller.state is State.IDLE
 
-    run = controller.adapt_target("liver (mine)", empty_slices="2, 15-16")
-    assert controller.view().status_text == "Adapt to 'liver (mine)' (slices 6-13), 3 slice(s) marked empty queued..."
+    run = controller.adapt_target("atrium (mine)", empty_slices="0, 1-2")
+    assert controller.view().status_text == "Adapt to 'atrium (mine)' (slices 5-18), 3 slice(s) marked empty queued..."
     controller.wait(timeout=900)
     assert run.status == "done", run.error + run.traceback
     _, meta = load_samsp(run.result["checkpoint"])
-    assert {2, 15, 16} <= set(meta["adapt"]["negative_slices"]) and meta["adapt"]["extent"] == [6, 13]
-    assert "liver (mine)" in [t.name for t in controller.logic.targets_for(ct_node)]
-    painted = mrml.segment_array(seg, run.segment_id, ct_node)
-    assert painted[6:14].any() and not painted[:6].any() and not painted[14:].any()
-    assert (mrml.segment_array(seg, user_id, ct_node)[[8, 11]] == liver[[8, 11]]).all()  # the outlines are untouched
+    assert {0, 1, 2} <= set(meta["adapt"]["negative_slices"]) and meta["adapt"]["extent"] == [5, 18]
+    painted = mrml.segment_array(seg, run.segment_id, node)
+    assert painted[5:].any() and not painted[:5].any()  # inside the extent only
+    assert dice(painted[5:] > 0, atrium[5:]) > 0.5
+    assert (mrml.segment_array(seg, user_id, node)[[10, 15]] == atrium[[10, 15]]).all()  # the outlines are untouched
 
     # The next session (a new Logic, Slicer restarted) still offers it, and so do the command-line tools.
-    from SAMSelfPromptLib.cli.main import main as cli
-    from SAMSelfPromptLib.slicer.logic import SAMSelfPromptLogic
-
     later = SAMSelfPromptLogic()
     try:
-        assert "liver (mine)" in [t.name for t in later.targets_for(ct_node)]
+        assert "atrium (mine)" in [t.name for t in later.targets_for(node)]
     finally:
         later.shutdown()
     assert cli(["models"]) == 0
-    assert "liver (mine)" in capsys.readouterr().out
-    out = tmp_path / "mine.nii.gz"
-    assert cli(["segment", str(shared_path("ct_totalseg", "dicom")), "-o", str(out), "--target", "liver (mine)",
-                "--slices", "9:10", "--quiet"]) == 0
-    assert read_any(out).array[9].any()
+    assert "atrium (mine)" in capsys.readouterr().out
+    src, out = tmp_path / "crop.nii.gz", tmp_path / "mine.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(src))
+    assert cli(["segment", str(src), "-o", str(out), "--target", "atrium (mine)", "--slices", "10:13",
+                "--quiet"]) == 0
+    assert "atrium (mine) (adapted)" in capsys.readouterr().out and sitk.ReadImage(str(out)).GetSize()[2] == 19
 
 
 def test_scene_closed_resets_the_controller(controller, ct_node):
