@@ -741,6 +741,8 @@ class ModuleController:
                            "failed": "The correction failed; the slice is unchanged."}[run.status]
         elif run.status == "done" and run.result.get("target"):  # Adapt to a new target (adapt_target)
             self.parameters.target, self.parameters.checkpoint = str(run.result["target"]), ""
+            if run.result.get("painted") is not None:  # its segment is now the one clicks correct and exports hold
+                self.output = (run.segmentation_id, run.segment_id)
             self.status = (f"Adapted target '{run.result['target']}' saved ({run.result['checkpoint']}) and selected; "
                            f"{len(run.written)} slices written. It is offered for other volumes and batch too.")
         elif run.status == "done":
