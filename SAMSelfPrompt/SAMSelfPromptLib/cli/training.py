@@ -88,6 +88,8 @@ def register(subparsers) -> None:
     e.add_argument("--alpha0-checkpoint", help="ablation: trained with alpha = 0 (row samsp_alpha0)")
     e.add_argument("--no-self-prompt-checkpoint", help="ablation: trained without self-prompt (row no_self_prompt)")
     e.add_argument("--json", required=True, help="write rows and per-case metrics here")
+    e.add_argument("--whole-split", action="store_true",
+                   help="with --target: every image or volume of the split, not the recipe's CPU budget of them")
     e.add_argument("--write-summary", action="store_true",
                    help="with --target: record the val rows (and 3D metrics) in the checkpoint's JSON summary")
     e.add_argument("--clicks", type=int, default=0, metavar="N",
@@ -280,7 +282,7 @@ def run_evaluate(args) -> int:
         from ..weights.targets import target_spec
 
         spec = target_spec(args.target)
-        samples = target_samples(spec, args.data_root, args.split or "val")
+        samples = target_samples(spec, args.data_root, args.split or "val", whole_split=args.whole_split)
         if not args.checkpoint:
             args.checkpoint = str(find_target(spec.name).path)
     elif args.image:

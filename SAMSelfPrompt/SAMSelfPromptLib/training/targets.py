@@ -42,8 +42,9 @@ def volume_cases(spec: TargetSpec, root: Path, ids: Sequence[str], slice_step: i
     return out
 
 
-def target_samples(spec: TargetSpec, data_root: str | Path, split: str) -> list[Sample]:
-    """The split's samples for ``spec`` (train subsampled by the recipe; val complete)."""
+def target_samples(spec: TargetSpec, data_root: str | Path, split: str, whole_split: bool = False) -> list[Sample]:
+    """The split's samples for ``spec`` (train subsampled by the recipe; val cut to the recipe's CPU
+    budget unless ``whole_split``)."""
     root = Path(data_root) / spec.dataset
     if not root.is_dir():
         raise InputError(f"{root}: the {spec.name} training data is not there (see shared/data/README.md)")
@@ -51,9 +52,9 @@ def target_samples(spec: TargetSpec, data_root: str | Path, split: str) -> list[
     train = split == "train"
     if spec.layout == "2d":
         # A CPU budget: the first n ids of the split (splits.json lists them in a seeded random order).
-        limit = spec.recipe.get("max_train" if train else "max_val")
+        limit = None if whole_split and not train else spec.recipe.get("max_train" if train else "max_val")
         return load_folder(root, ids=ids[:limit] if limit else ids)
     step = int(spec.recipe.get("train_slice_step", 1)) if train else 1
-    if not train and spec.recipe.get("val_volumes"):  # a CPU budget: the first n val volumes, every slice
+    if not train and not whole_split and spec.recipe.get("val_volumes"):  # a CPU budget: the first n
         ids = ids[:int(spec.recipe["val_volumes"])]
     return [s for case in volume_cases(spec, root, ids, step) for s in case]
