@@ -298,7 +298,9 @@ def adapted_metadata(name: str, kind: str, outcome: AdaptOutcome, intensity: Int
                    "structures": [structure.to_dict()], "terms": "your own outlines (Adapt); not a validated model",
                    "source": source, "start": start},
         "adapt": {**outcome.metadata(), "config": config.to_dict()},
-        "val_metrics": {k: v for k, v in outcome.best_val.items() if isinstance(v, (int, float))},
+        # Scored on the outlined slices it trained on, so not a validation: kept out of "val_metrics",
+        # which menus show as "val Dice".
+        "fit_metrics": {k: v for k, v in outcome.best_val.items() if isinstance(v, (int, float))},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
