@@ -288,3 +288,27 @@ def test_ddp_two_gloo_processes_match_one(tmp_path):
     assert any(not torch.equal(single[k], base[k]) for k in single if k in base)
     worst = max((ddp[k] - single[k]).abs().max().item() for k in single)
     assert worst < 1e-5
+
+
+def test_augmented_copies_move_image_and_mask_together():
+    """--augment: seeded copies whose mask follows the image's geometry; val is never passed through it."""
+    from SAMSelfPromptLib.core.preprocess import Intensity
+    from SAMSelfPromptLib.training.augment import augmented_copies
+    from SAMSelfPromptLib.training.data import Sample
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((60, 80), bool)
+    mask[10:35, 20:70] = True
+    rgb = np.where(mask[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)  # the mask, drawn in the picture
+    rgb[..., 1:] = rng.integers(0, 256, (60, 80, 2))
+    grey = np.where(mask, 1000, -500).astype(np.int16)
+    samples = [Sample("rgb", rgb, mask, Intensity("RGB")), Sample("grey", grey, mask, Intensity())]
+    out = augmented_copies(samples, 3, seed=7)
+    assert [s.case_id for s in out[:4]] == ["rgb", "grey", "rgb#aug1", "grey#aug1"] and len(out) == 8
+    assert all(a.image.dtype == b.image.dtype for a, b in zip(out[2:], samples * 3))
+    for s in out[2:]:
+        drawn = s.image[..., 0] > 127 if s.image.ndim == 3 else s.image > s.image.min() + (s.image.max() - s.image.min()) / 2
+        assert np.array_equal(drawn, s.mask), s.case_id  # the same flips, turns and crop on both
+        assert s.mask.shape[0] >= 45 or s.mask.shape[1] >= 45  # a crop keeps 75-100% of each side
+    again = augmented_copies(samples, 3, seed=7)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(out, again))

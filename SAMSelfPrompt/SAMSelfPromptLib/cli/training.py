@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     t.add_argument("--alpha", type=float, default=1.0, help="KL weight")
     t.add_argument("--box-jitter", type=float, default=0.1)
     t.add_argument("--flip", action="store_true", help="flip cached embeddings (approximate augmentation)")
+    t.add_argument("--augment", type=int, default=0, metavar="N",
+                   help="N augmented copies of every training image (flips, crops, colour or contrast), each encoded "
+                        "and cached once: the cache grows (N + 1)x; val is never augmented")
     t.add_argument("--objective", choices=("samsp", "single"), default="samsp",
                    help="single: Dice on the no-prompt pass only (the no_self_prompt ablation)")
     t.add_argument("--seed", type=int, default=0)
@@ -183,6 +186,7 @@ def run_train(args) -> int:
         summary = {"source": "folder", "folder": Path(args.data).name, "split": args.split, "val_split": args.val_split,
                    "n_train": len(train), "n_val": len(val or []),
                    "train_ids": folder_ids(args.data, split) if split else None}
+    train, summary = _with_augmented_copies(train, summary, args)
     if args.method == "promise":
         return _train_promise(args, train, val, summary, t0)
     device, rank = _init_distributed(args.device)
@@ -193,6 +197,16 @@ def run_train(args) -> int:
                                  half=args.half, cache=_cache(args), progress=not args.no_progress and rank == 0)
     print(f"trained in {time.time() - t0:.0f} s; best epoch {result.best_epoch}; val {result.best_val}")
     return 0
+
+
+def _with_augmented_copies(train: list, summary: dict, args) -> tuple[list, dict]:
+    """``--augment N``: N augmented copies of every training sample (training/augment.py); val untouched."""
+    if not args.augment:
+        return train, summary
+    from ..training.augment import augmented_copies
+
+    return augmented_copies(train, args.augment, args.seed), {**summary, "augment_copies": args.augment,
+                                                               "n_train_augmented": len(train) * (1 + args.augment)}
 
 
 def _train_target(args, config, t0: float) -> int:
@@ -219,6 +233,7 @@ def _train_target(args, config, t0: float) -> int:
     summary = {"source": "target", "target": spec.name, "dataset": spec.dataset, "split": "train", "val_split": "val",
                "n_train": len(train), "n_train_negative": sum(not s.has_label for s in train),
                "n_val": len(val), "n_val_negative": sum(not s.has_label for s in val), "recipe": spec.recipe}
+    train, summary = _with_augmented_copies(train, summary, args)
     model = base_model(args.init, device=None if args.device == "auto" else args.device)
     model.set_structures(len(spec.structures))
     work = args.work_dir or str(Path(args.out).with_suffix("")) + "_work"
