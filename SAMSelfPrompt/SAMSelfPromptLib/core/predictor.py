@@ -281,10 +281,11 @@ class Segmenter:
         fov = self.metadata.get("field_of_view_mm")
         if not fov or volume.is_rgb:
             return None
-        key = (volume_key(volume), stack.axis, tuple(sorted(intensity.to_dict().items())))
+        kji = volume.spacing[::-1]  # mm along the array's k, j, i axes
+        rows_cols = [float(kji[a]) for a in range(3) if a != stack.axis]
+        # The voxels' hash alone would give a re-spaced copy of a volume the other's window.
+        key = (volume_key(volume), stack.axis, tuple(sorted(intensity.to_dict().items())), tuple(rows_cols))
         if key not in self._windows:
-            kji = volume.spacing[::-1]  # mm along the array's k, j, i axes
-            rows_cols = [float(kji[a]) for a in range(3) if a != stack.axis]
             if stack.orient.transpose:
                 rows_cols.reverse()
             self._windows[key] = scale_window(stack.pixels, (rows_cols[0], rows_cols[1]), float(fov), intensity)
