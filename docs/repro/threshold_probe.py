@@ -1,0 +1,23 @@
+"""The presence threshold of a shipped 3D target, chosen again on every val volume (val: selection only)."""
+import sys, json
+import torch
+torch.set_num_threads(2)
+from SAMSelfPromptLib.training.targets import target_samples
+from SAMSelfPromptLib.training.trainer import evaluate_val, PRESENCE_THRESHOLDS
+from SAMSelfPromptLib.training.embedding_cache import DiskEmbeddingCache
+from SAMSelfPromptLib.weights.catalogue import find_target
+from SAMSelfPromptLib.weights.checkpoint import load_samsp
+from SAMSelfPromptLib.weights.targets import target_spec
+
+name = sys.argv[1]
+spec = target_spec(name)
+path = find_target(name).path
+model, meta = load_samsp(path)
+samples = target_samples(spec, "../shared/data", "val", whole_split=True)
+emb, frames = DiskEmbeddingCache().embed(model, samples, progress=False)
+print("stored threshold", meta.get("presence_threshold"), "candidates", PRESENCE_THRESHOLDS)
+for t in PRESENCE_THRESHOLDS:
+    r = evaluate_val(model, samples, emb, frames, thresholds=[t])
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
+best = evaluate_val(model, samples, emb, frames)
+print("best on all val:", json.dumps(best))
