@@ -83,10 +83,9 @@ def _contrast_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _range(image: np.ndarray) -> tuple[float, float]:
-    if np.issubdtype(image.dtype, np.integer):
-        info = np.iinfo(image.dtype)
-        if image.dtype == np.uint8:
-            return float(info.min), float(info.max)
+    """8-bit pictures span 0-255; anything else (HU, MR values) spans its own minimum to maximum."""
+    if image.dtype == np.uint8:
+        return 0.0, 255.0
     return float(image.min()), float(image.max())
 
 
