@@ -105,6 +105,21 @@ def test_skipping_schedule():
     assert not outside_body(with_nan, ct)  # left to the encoder path, which refuses it with its message
 
 
+def test_the_cpu_encoder_sees_one_slice_at_a_time(lite_model):
+    """A batch buys nothing on the CPU and holds its activations once per slice (core/predictor.one_at_a_time)."""
+    seen = []
+    hook = lite_model.image_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        plain = Segmenter(lite_model, "cpu", precision="fp32")
+        images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+        both = plain._encode(plain._encoder(2), images)
+        alone = plain._encode(plain._encoder(1), images[1:])
+    finally:
+        hook.remove()
+    assert seen == [1, 1, 1] and both.shape == (2, 256, 64, 64)
+    assert torch.equal(both[1:], alone)  # a slice's embedding does not depend on its batch
+
+
 def test_precision_choice_and_override(monkeypatch, lite_model):
     monkeypatch.delenv("SAMSELFPROMPT_PRECISION", raising=False)
     native = cpu_has_native_bf16()
@@ -112,7 +127,7 @@ def test_precision_choice_and_override(monkeypatch, lite_model):
     assert Segmenter(lite_model, "cpu").precision == resolve_precision(CPU)
     monkeypatch.setenv("SAMSELFPROMPT_PRECISION", "fp32")
     plain = Segmenter(lite_model, "cpu")
-    assert plain.precision == "fp32" and plain._encoder(4) == plain._per_slice  # the module, one slice at a time
+    assert plain.precision == "fp32"
     assert Segmenter(lite_model, "cpu", precision="bf16").precision == "bf16"  # the caller wins over the env
     monkeypatch.setenv("SAMSELFPROMPT_PRECISION", "fast")
     with pytest.raises(InputError, match="SAMSELFPROMPT_PRECISION"):

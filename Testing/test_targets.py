@@ -161,6 +161,27 @@ def test_target_samples_give_one_sample_per_structure_with_negatives():
     assert first_rv.image is not None and np.array_equal(first_rv.image, first_lv.image)
 
 
+def test_a_denser_negative_step_adds_only_slices_without_the_structure():
+    from SAMSelfPromptLib.training.targets import volume_cases
+    from SAMSelfPromptLib.weights.targets import target_spec
+
+    root = shared_path("acdc")
+    spec = target_spec("cardiac-mr")
+    (sparse,) = volume_cases(spec, root, ["patient013_frame01"], slice_step=4)
+    (denser,) = volume_cases(spec, root, ["patient013_frame01"], slice_step=4, negative_step=1)
+    (every,) = volume_cases(spec, root, ["patient013_frame01"])
+
+    def ids(case):
+        return {s.case_id for s in case}
+
+    added = ids(denser) - ids(sparse)
+    assert ids(sparse) < ids(denser) <= ids(every)
+    assert added and all(not s.has_label for s in denser if s.case_id in added)
+    # every slice without a structure is there, and the positives are still every 4th
+    assert {s.case_id for s in every if not s.has_label} <= ids(denser)
+    assert {s.case_id for s in denser if s.has_label} == {s.case_id for s in sparse if s.has_label}
+
+
 def test_structure_embeddings_round_trip_and_select_the_structure(lite_model, tmp_path):
     import copy
 

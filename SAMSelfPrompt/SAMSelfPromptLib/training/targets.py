@@ -27,14 +27,22 @@ def split_ids(root: Path, split: str) -> list[str]:
     return list(splits[split])
 
 
-def volume_cases(spec: TargetSpec, root: Path, ids: Sequence[str], slice_step: int = 1) -> list[list[Sample]]:
-    """Per volume: its samples, one per (slice, structure), structure index set."""
+def volume_cases(spec: TargetSpec, root: Path, ids: Sequence[str], slice_step: int = 1,
+                 negative_step: int | None = None) -> list[list[Sample]]:
+    """Per volume: its samples, one per (slice, structure), structure index set.
+
+    Every ``slice_step``-th slice, and with ``negative_step`` also every ``negative_step``-th slice
+    without the structure: the slices past a structure's ends are where a 3D target paints what is
+    not there, and every 8th slice keeps only a few of them."""
     out = []
     for case in ids:
         image, label = root / "images" / f"{case}.nii.gz", root / "labels" / f"{case}.nii.gz"
         samples: list[Sample] = []
         for index, structure in enumerate(spec.structures):
-            for s in load_volume(image, label, structure.label_ids)[::slice_step]:
+            slices = load_volume(image, label, structure.label_ids)
+            for k, s in enumerate(slices):
+                if k % slice_step and (negative_step is None or s.has_label or k % negative_step):
+                    continue
                 s.structure = index
                 s.case_id = f"{case}:{s.case_id.split(':')[-1]}:{structure.name}"
                 samples.append(s)
@@ -55,6 +63,7 @@ def target_samples(spec: TargetSpec, data_root: str | Path, split: str, whole_sp
         limit = None if whole_split and not train else spec.recipe.get("max_train" if train else "max_val")
         return load_folder(root, ids=ids[:limit] if limit else ids)
     step = int(spec.recipe.get("train_slice_step", 1)) if train else 1
+    negative_step = spec.recipe.get("train_negative_step") if train else None
     if not train and not whole_split and spec.recipe.get("val_volumes"):  # a CPU budget: the first n
         ids = ids[:int(spec.recipe["val_volumes"])]
-    return [s for case in volume_cases(spec, root, ids, step) for s in case]
+    return [s for case in volume_cases(spec, root, ids, step, negative_step and int(negative_step)) for s in case]
