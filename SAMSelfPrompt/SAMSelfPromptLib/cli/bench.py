@@ -237,18 +237,21 @@ def compare_on(input_path: str, device: torch.device, batch_size: int, target: s
             "dice_vs_naive": dice(mf, mn)}
 
 
-def run_bench(device_name: str | None, slices: int = 100, batch_size: int = 4, baseline_slices: int = 10,
+def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None = None, baseline_slices: int = 10,
               repeat: int | None = None, input_path: str | None = None, rss_slices: int = 300, size: int = 512,
               threads: int | None = None, target: str | None = None, split: str | None = None) -> dict:
-    """``repeat``: timed calls per measurement (default 3 for the encoder, 20 for the decoder)."""
+    """``repeat``: timed calls per measurement (default 3 for the encoder, 20 for the decoder);
+    ``batch_size`` None: what the hosts use (core/predictor.default_batch_size)."""
+    from ..core.predictor import default_batch_size
     from ..weights.catalogue import open_segmenter
 
     device = pick_device(device_name)
+    batch_size = batch_size or default_batch_size(device)
     opened = open_segmenter(device=str(device), modality="CT")
     seg = opened.segmenter
     model = seg.model
     px = model.image_size
-    x = torch.rand(batch_size, 3, px, px, device=device)
+    x = torch.rand(max(batch_size, 4), 3, px, px, device=device)  # 4 slices a call at least: steadier timing
     enc_repeat, dec_repeat = (3, 20) if repeat is None else (repeat, repeat)
     dec_warmup = min(3, dec_repeat)
 
@@ -265,8 +268,8 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int = 4, b
         with torch.no_grad(), autocast_for(device, "fp32"):
             naive_encode(x)
 
-    enc_s = _time(enc_fast, device, repeat=enc_repeat) / batch_size
-    naive_s = _time(enc_naive, device, repeat=enc_repeat) / batch_size
+    enc_s = _time(enc_fast, device, repeat=enc_repeat) / len(x)
+    naive_s = _time(enc_naive, device, repeat=enc_repeat) / len(x)
 
     emb = torch.randn(1, 256, 64, 64, device=device)
     box = torch.tensor([[40.0, 40.0, 200.0, 200.0]], device=device)
@@ -410,7 +413,7 @@ def register(subparsers) -> None:
                                     "ultrasound need one)")
     p.add_argument("--rss-slices", type=int, default=300,
                    help="slices of the phantom run in a separate process for peak RSS (0: skip)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--baseline-slices", type=int, default=10, help="slices timed for the baseline")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--repeat", type=int, help="timed calls per measurement (default: 3 encoder, 20 decoder)")

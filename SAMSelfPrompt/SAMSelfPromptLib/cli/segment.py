@@ -222,7 +222,7 @@ def check_options(args: argparse.Namespace) -> None:
     from ..core.preprocess import CT_WINDOWS
 
     parse_slices(args.slices)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
@@ -303,7 +303,8 @@ def register(subparsers) -> None:
     p.add_argument("--propagate", action="store_true", help="carry each slice's box to the next slice")
     p.add_argument("--cleanup", action="store_true", help="keep only the largest 3D connected component")
     p.add_argument("--window", default="abdomen", help="CT window preset when the checkpoint does not set one")
-    p.add_argument("--batch-size", type=int, default=4, help="slices encoded per batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices encoded per batch (default: 1 on the CPU, 4 on a GPU)")
     p.add_argument("--series", help="segment only this DICOM series id/UID from the folder")
     p.add_argument("--name", default="SAM-SP", help="segment name written into the output")
     p.add_argument("--format", default=".seg.nrrd", choices=OUTPUT_SUFFIXES, help="output type in batch mode")

@@ -345,6 +345,14 @@ def build_model(model_id: str = DEFAULT_MODEL, weights: str | Path | None = None
     return model.eval()
 
 
+def device_or_cpu(requested: str | None = None) -> torch.device:
+    """``pick_device``, or the CPU where the request cannot be met (whoever loads the model reports that)."""
+    try:
+        return pick_device(requested)
+    except DeviceError:
+        return torch.device("cpu")
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """CUDA, then MPS, then CPU, unless the user asks for one (DeviceError if it is not here)."""
     if requested and requested != "auto":

@@ -134,7 +134,8 @@ class SAMSelfPromptLogic:
         myocardium, LV) gives one run and one segment per structure, returned as a ``BatchRun``;
         the warm Segmenter's slice cache encodes each slice once for all of them.
         """
-        from ..core.predictor import SegmentOptions, resolve_axis
+        from ..core.predictor import SegmentOptions, default_batch_size, resolve_axis
+        from ..modeling.backbones import device_or_cpu
         from ..runtime.jobs import segmentation_job
 
         volume = self.volume(volume_node)
@@ -173,6 +174,8 @@ class SAMSelfPromptLogic:
         sid = mrml.output_segment(segmentation_node, segment_name, segment_id, color, terminology)
         opts = replace(options) if options is not None else SegmentOptions()
         opts.axis, opts.slice_range, opts.structure = ax, (start, stop), structure or 0
+        if opts.batch_size is None:  # the worker's default, fixed now so that Cancel can say what finishes first
+            opts.batch_size = default_batch_size(device_or_cpu(device))
         run = Run("segment", volume_node.GetScene(), volume_node.GetID(), segmentation_node.GetID(), sid, ax,
                   total=stop - start, name=volume_node.GetName(), batch_size=opts.batch_size, model=choice.label)
         load = self._segmenter_loader(choice, device)
