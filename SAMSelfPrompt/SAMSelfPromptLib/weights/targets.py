@@ -136,7 +136,7 @@ TARGETS: tuple[TargetSpec, ...] = (
         "LA 2018 challenge data: free for research with citation",
         "Xiong et al., A global benchmark of algorithms for segmenting the left atrium from LGE-MRI, "
         "Medical Image Analysis 67 (2021) 101832",
-        recipe={"epochs": 10, "train_slice_step": 8, "val_volumes": 2, "init": "samsp_ctliver_litemedsam.pt", "y0_weight": 1.0, "lr": 5e-4}),
+        recipe={"epochs": 10, "train_slice_step": 8, "train_negative_step": 2, "val_volumes": 2, "init": "samsp_ctliver_litemedsam.pt", "y0_weight": 1.0, "lr": 5e-4}),
     TargetSpec(
         "cardiac-mr", "Heart: RV, myocardium, LV (cine MRI, short axis)", ("MR",),
         (Structure("Right ventricle", (0.3, 0.55, 0.9), ANATOMICAL_STRUCTURE, (SCT, "53085002", "Right ventricle"),
