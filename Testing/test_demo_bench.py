@@ -40,7 +40,7 @@ def test_bench_writes_every_key(capsys, tmp_path):
     """A tiny run (2 slices, 2-slice memory run): every key the issue asks for, and the report lines."""
     report = tmp_path / "bench.json"
     argv = ["bench", "--device", "cpu", "--slices", "2", "--rss-slices", "2", "--baseline-slices", "1",
-            "--batch-size", "1", "--threads", "1", "--repeat", "1", "--json", str(report)]
+            "--threads", "1", "--repeat", "1", "--json", str(report)]
     assert cli.main(argv) == 0
     stdout = capsys.readouterr().out
     patterns = [
