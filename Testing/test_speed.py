@@ -162,6 +162,24 @@ def test_fast_path_agrees_with_fp32_on_the_ct_series(ct, fast):
     assert float((got - ref).norm() / ref.norm()) < 0.03  # bf16 matmuls, fp32 convolutions: about 1%
 
 
+def test_borderline_first_passes_are_decided_from_fp32_embeddings(ct, fast, monkeypatch):
+    """With every slice counted as borderline, the bf16 Segmenter re-encodes each in fp32 and paints
+    exactly what the fp32 one paints; the exact embeddings stay cached, so a re-run encodes nothing."""
+    from SAMSelfPromptLib.core import predictor
+
+    check = Segmenter(fast.model, "cpu", fast.metadata)  # the default precision, its own cache
+    if check.precision == "fp32":
+        pytest.skip("this CPU has no native bf16: the fast path is the fp32 path")
+    monkeypatch.setattr(predictor, "BORDERLINE_LOGIT", float("inf"))
+    volume, _ = ct
+    opts = SegmentOptions(slice_range=(8, 11), skip_slices=False)
+    naive_mask, _ = segment_volume(Segmenter(fast.model, "cpu", fast.metadata, precision="fp32"), volume, opts)
+    mask, _ = segment_volume(check, volume, opts)
+    assert check.exact_encodes == 3 and np.array_equal(mask, naive_mask) and mask[8:11].any()
+    again, _ = segment_volume(check, volume, opts)
+    assert check.exact_encodes == 3 and check.encoder_calls == 3 and np.array_equal(again, mask)
+
+
 def test_fused_mbconv_computes_what_the_block_computes(fast):
     """The fused first stage is the same fp32 arithmetic as TinyViT's MBConv, block by block."""
     import copy

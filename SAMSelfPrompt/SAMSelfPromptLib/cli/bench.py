@@ -145,7 +145,8 @@ def end_to_end(path: Path, out: Path, device: str, precision: str | None, skip: 
     write_labelmap(out, summary["mask"], volume.ijk_to_ras, [{"label": 1, "name": "SAM-SP"}], overwrite=True)
     t4 = time.perf_counter()
     return {"seconds": t4 - t0, "read_s": t1 - t0, "model_s": t2 - t1, "segment_s": t3 - t2, "write_s": t4 - t3,
-            "slices": int(volume.array.shape[0]), "encoded": seg.encoder_calls, "nonempty": summary["nonempty"],
+            "slices": int(volume.array.shape[0]), "encoded": seg.encoder_calls, "exact_encoded": seg.exact_encodes,
+            "nonempty": summary["nonempty"],
             "precision": seg.precision, "mask": summary["mask"]}
 
 
@@ -233,8 +234,8 @@ def compare_on(input_path: str, device: torch.device, batch_size: int, target: s
     tn = time.perf_counter() - t
     n = 1 if volume.is_rgb else int(volume.array.shape[0])
     return {"input": str(input_path), "input_slices": n, "input_fast_s": tf, "input_naive_s": tn,
-            "input_encoded_fast": fast.encoder_calls, "input_model": opened.description,
-            "dice_vs_naive": dice(mf, mn)}
+            "input_encoded_fast": fast.encoder_calls, "input_exact_encoded_fast": fast.exact_encodes,
+            "input_model": opened.description, "dice_vs_naive": dice(mf, mn)}
 
 
 def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None = None, baseline_slices: int = 10,

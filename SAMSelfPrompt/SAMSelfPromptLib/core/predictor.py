@@ -99,6 +99,10 @@ class SliceResult:
     logits: torch.Tensor | None = field(default=None, repr=False)
 
 
+# Pass-1 maxima this close to 0 are decided again from an fp32 embedding (Segmenter._recheck_borderline).
+BORDERLINE_LOGIT = 0.3
+
+
 def default_batch_size(device: torch.device) -> int:
     """Slices per batch when none is asked for. One on the CPU: batches are no faster there
     (one_at_a_time), and a 300-slice run with batches of 4 peaked 60-115 MB higher (1757-1782 against
@@ -176,10 +180,16 @@ class SliceEmbeddingCache:
             slot, frame = item
             return self._slots[slot].clone(), frame
 
-    def put(self, key: tuple, embedding: torch.Tensor, frame: Frame) -> None:
+    def put(self, key: tuple, embedding: torch.Tensor, frame: Frame, replace: bool = False) -> None:
+        """Hold ``embedding`` under ``key``; an entry already there is kept unless ``replace``."""
         emb = embedding.detach()
         with self._lock:
             if key in self._items:
+                if replace:
+                    slot = self._items[key][0]
+                    self._slots[slot].copy_(emb)
+                    self._items[key] = (slot, frame)
+                    self._items.move_to_end(key)
                 return
             if self._slots is None or self._slots.shape[1:] != emb.shape:
                 self._allocate(emb.shape)  # the first entry, or another model's shape: start over
@@ -227,6 +237,8 @@ class Segmenter:
         self.metadata = metadata or {}
         self.cache = SliceEmbeddingCache()
         self.encoder_calls = 0  # slices actually encoded; tests use it to prove cache reuse
+        self.exact_encodes = 0  # slices encoded again in fp32 because pass 1 was borderline (_recheck_borderline)
+        self._exact_keys: set[tuple] = set()  # cache keys whose embedding came from the fp32 module
         # Command-line runs set this: on the CPU a request of 24+ slices then traces the encoder
         # once (frozen_encoder.py: 14 s, then 22% less per slice). Off for the Slicer worker,
         # where the Python-level tracing would hold the GIL against the UI for those seconds.
@@ -343,16 +355,11 @@ class Segmenter:
 
         The next batch's slices are prepared on a helper thread while this one is encoded and
         decoded (core/prefetch.py); on CUDA in pinned memory, copied without blocking."""
-        vkey, axis = volume_key(volume), stack.axis
         window = self.scale_window(volume, stack, intensity)
-        ikey = (tuple(sorted(intensity.to_dict().items())), window)  # another window is another embedding
-        model_id = self.model.spec.model_id
+        key_of = self._cache_keys(volume, stack, intensity, window)
         encode = self._encoder(len(indices))
         step = max(1, batch_size)
         chunks = [list(indices[start:start + step]) for start in range(0, len(indices), step)]
-
-        def key_of(k: int) -> tuple:
-            return (vkey, axis, k, ikey, model_id)
 
         def prepare(chunk: list[int]) -> tuple[list[int], torch.Tensor | None, list[Frame]]:
             # Only what is not cached now; if the cache changes before the chunk's turn, it is redone then.
@@ -373,9 +380,45 @@ class Segmenter:
                 self.encoder_calls += len(todo)
                 for j, i in enumerate(todo):
                     self.cache.put(keys[i], emb[j], frames[j])
+                    self._exact_keys.discard(keys[i])
                     cached[i] = (emb[j].half(), frames[j])  # as the cache holds it: a re-run decodes the same
             embs = torch.stack([c[0].to(self.device, torch.float32) for c in cached])  # type: ignore[index]
             yield chunk, embs, [c[1] for c in cached]  # type: ignore[index]
+
+    def _cache_keys(self, volume: Volume, stack: SliceStack, intensity: Intensity,
+                    window: tuple[int, int, int, int] | None) -> Callable[[int], tuple]:
+        """Slice index -> its embedding's cache key (the volume's voxels, axis, intensity, window, model)."""
+        vkey, axis, model_id = volume_key(volume), stack.axis, self.model.spec.model_id
+        ikey = (tuple(sorted(intensity.to_dict().items())), window)  # another window is another embedding
+
+        def key_of(k: int) -> tuple:
+            return (vkey, axis, k, ikey, model_id)
+
+        return key_of
+
+    def _exact_encoder(self, volume: Volume, stack: SliceStack, intensity: Intensity
+                       ) -> Callable[[int], torch.Tensor | None] | None:
+        """For a reduced-precision encoder: slice k -> its embedding from the fp32 module, which then
+        replaces the fast one in the cache (a re-run and clicks decode the same); None where the
+        cached one is already exact. None for an fp32 Segmenter."""
+        if self.precision == "fp32":
+            return None
+        window = self.scale_window(volume, stack, intensity)
+        key_of = self._cache_keys(volume, stack, intensity, window)
+
+        def exact(k: int) -> torch.Tensor | None:
+            key = key_of(k)
+            if key in self._exact_keys:
+                return None
+            batch, frames = self._host_batch(stack, [k], intensity, volume.name, window)
+            with torch.no_grad(), autocast_for(self.device, "fp32"):
+                emb = self.model.encode(self._to_device(batch)).float()
+            self.cache.put(key, emb[0], frames[0], replace=True)
+            self._exact_keys.add(key)
+            self.exact_encodes += 1
+            return emb.half().float()  # as the cache holds it
+
+        return exact
 
     def _host_batch(self, stack: SliceStack, ks: list[int], intensity: Intensity, name: str,
                     window: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor | None, list[Frame]]:
@@ -440,8 +483,9 @@ class Segmenter:
         elif options.skip_slices and options.empty_y0 == "skip" and len(indices) > 1:
             yield from self._coarse_to_fine(volume, stack, indices, intensity, options, cancel)
             return
+        exact = self._exact_encoder(volume, stack, intensity) if boxes is None else None
         for chunk, embs, frames in self.embeddings(volume, stack, indices, intensity, options.batch_size, cancel):
-            yield from self._decode(embs, chunk, frames, options.empty_y0, boxes, stack, options.structure)
+            yield from self._decode(embs, chunk, frames, options.empty_y0, boxes, stack, options.structure, exact)
 
     def _coarse_to_fine(self, volume, stack, indices, intensity, options, cancel) -> Iterator[SliceResult]:
         """Skip air, then segment every coarse_step-th slice and grow around the hits (core/skipping.py).
@@ -455,10 +499,11 @@ class Segmenter:
                 body.append(k)
         step = max(1, int(options.coarse_step))
         wave, done = coarse(body, step), set()
+        exact = self._exact_encoder(volume, stack, intensity)
         while wave:
             found = []
             for chunk, embs, frames in self.embeddings(volume, stack, wave, intensity, options.batch_size, cancel):
-                for r in self._decode(embs, chunk, frames, options.empty_y0, None, stack, options.structure):
+                for r in self._decode(embs, chunk, frames, options.empty_y0, None, stack, options.structure, exact):
                     done.add(r.index)
                     if r.box_source != "none":
                         found.append(r.index)
@@ -495,8 +540,12 @@ class Segmenter:
         return SelfPromptOutput(y0, boxes, empty, y1, iou, presence)
 
     def _decode(self, embs: torch.Tensor, chunk: list[int], frames: list[Frame], empty_y0: str,
-                boxes: dict[int, np.ndarray] | None, stack: SliceStack, structure: int = 0) -> list[SliceResult]:
-        """SAM-SP (or the expert box) on a batch of embeddings; everything in the canonical view."""
+                boxes: dict[int, np.ndarray] | None, stack: SliceStack, structure: int = 0,
+                exact: Callable[[int], torch.Tensor | None] | None = None) -> list[SliceResult]:
+        """SAM-SP (or the expert box) on a batch of embeddings; everything in the canonical view.
+
+        ``exact`` (``_exact_encoder``): slices whose first pass is borderline are decoded again from
+        an fp32 embedding (``_recheck_borderline``)."""
         dev = embs.device
         with torch.no_grad():
             if boxes is not None:
@@ -516,6 +565,8 @@ class Segmenter:
                                         ("y0", "boxes", "fallback_used", "y1", "iou")))
             else:
                 sp = self._sam_sp(embs, fallback, empty_y0, structure)
+            if exact is not None:
+                self._recheck_borderline(sp, chunk, fallback, empty_y0, structure, exact)
             out = []
             for j, k in enumerate(chunk):
                 if bool(sp.fallback_used[j]) and empty_y0 == "skip":
@@ -525,6 +576,24 @@ class Segmenter:
                 box = frames[j].box_to_slice(sp.boxes[j].cpu().numpy())
                 out.append(_result(k, sp.y1[j], frames[j], box, src, sp.iou[j]))
             return out
+
+    def _recheck_borderline(self, sp: SelfPromptOutput, chunk: list[int], fallback: torch.Tensor, empty_y0: str,
+                            structure: int, exact: Callable[[int], torch.Tensor | None]) -> None:
+        """Decode again, from an fp32 embedding, the slices whose first-pass maximum logit lies within
+        BORDERLINE_LOGIT of 0, and put their results into ``sp``.
+
+        Whether pass 1 finds anything decides whether a slice is painted at all. bf16's ~1-2%
+        embedding error moved left-atrium-mr's pass-1 logits by 0.15-0.25, enough to empty two
+        mid-volume slices that fp32 paints (docs/RESULTS.md, Speed); slices this close to the
+        decision are few (4 of 88 there), so they pay for the fp32 encoder and no others do."""
+        peak = sp.y0.flatten(1).amax(1)
+        for j in torch.nonzero(peak.abs() < BORDERLINE_LOGIT).flatten().tolist():
+            emb = exact(chunk[j])
+            if emb is None:
+                continue
+            part = self._sam_sp(emb.to(self.device), fallback[j:j + 1], empty_y0, structure)
+            for name in ("y0", "boxes", "fallback_used", "y1", "iou"):
+                getattr(sp, name)[j] = getattr(part, name)[0]
 
     def _propagate(self, volume, stack, indices, intensity, options, boxes, cancel) -> Iterator[SliceResult]:
         """Seed on the slice whose first-pass mask is largest, then carry its box outward.
