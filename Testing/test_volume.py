@@ -219,10 +219,12 @@ def test_command_line_segmenters_trace_the_encoder_once_for_long_runs(lite_model
 
     # The fp32 path (CPUs without native bf16, or SAMSELFPROMPT_PRECISION=fp32); bf16: test_speed.py.
     slicer_like = Segmenter(lite_model, "cpu", precision="fp32")
-    assert slicer_like._encoder(500) == slicer_like._per_slice  # never traced unless asked (GIL vs the UI)
+    slicer_like._encoder(500)
+    assert slicer_like._traced_encode is None  # never traced unless asked (GIL vs the UI)
     cli = Segmenter(lite_model, "cpu", precision="fp32")
     cli.trace_encoder = True
-    assert cli._encoder(MIN_IMAGES_TO_TRACE - 1) == cli._per_slice  # too short to pay for tracing
+    cli._encoder(MIN_IMAGES_TO_TRACE - 1)
+    assert cli._traced_encode is None  # too short to pay for tracing
     traced = cli._encoder(MIN_IMAGES_TO_TRACE)
-    assert traced not in (lite_model.encode, cli._per_slice)
+    assert traced is cli._traced_encode and traced is not lite_model.encode
     assert cli._encoder(MIN_IMAGES_TO_TRACE) is traced and cli._encoder(3) is traced  # built once, then reused
