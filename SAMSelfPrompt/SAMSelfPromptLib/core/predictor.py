@@ -121,7 +121,7 @@ def one_at_a_time(encode: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[t
 
 
 # The embedding cache's default bound: 256 MB holds 128 LiteMedSAM slices (2 MB each in fp16), a
-# 100-slice CT whole, and keeps a 512 x 512 x 300 run under 1.5 GB (docs/RESULTS.md, Speed). A click on
+# 100-slice CT whole (a 512 x 512 x 300 run's peak memory with it: docs/RESULTS.md, Speed). A click on
 # a slice that was evicted re-encodes it (about 0.4 s on the 2-core CPU). $SAMSELFPROMPT_CACHE_MB sets it.
 CACHE_MB_ENV = "SAMSELFPROMPT_CACHE_MB"
 DEFAULT_CACHE_MB = 256
