@@ -39,9 +39,9 @@ def volume_cases(spec: TargetSpec, root: Path, ids: Sequence[str], slice_step: i
         image, label = root / "images" / f"{case}.nii.gz", root / "labels" / f"{case}.nii.gz"
         samples: list[Sample] = []
         for index, structure in enumerate(spec.structures):
-            slices = load_volume(image, label, structure.label_ids)
-            for k, s in enumerate(slices):
-                if k % slice_step and (negative_step is None or s.has_label or k % negative_step):
+            for k, s in enumerate(load_volume(image, label, structure.label_ids)):
+                extra_negative = negative_step is not None and not s.has_label and k % negative_step == 0
+                if k % slice_step != 0 and not extra_negative:
                     continue
                 s.structure = index
                 s.case_id = f"{case}:{s.case_id.split(':')[-1]}:{structure.name}"
@@ -63,7 +63,7 @@ def target_samples(spec: TargetSpec, data_root: str | Path, split: str, whole_sp
         limit = None if whole_split and not train else spec.recipe.get("max_train" if train else "max_val")
         return load_folder(root, ids=ids[:limit] if limit else ids)
     step = int(spec.recipe.get("train_slice_step", 1)) if train else 1
-    negative_step = spec.recipe.get("train_negative_step") if train else None
+    negative_step = int(spec.recipe["train_negative_step"]) if train and spec.recipe.get("train_negative_step") else None
     if not train and not whole_split and spec.recipe.get("val_volumes"):  # a CPU budget: the first n
         ids = ids[:int(spec.recipe["val_volumes"])]
-    return [s for case in volume_cases(spec, root, ids, step, negative_step and int(negative_step)) for s in case]
+    return [s for case in volume_cases(spec, root, ids, step, negative_step) for s in case]
