@@ -181,7 +181,8 @@ def test_borderline_first_passes_are_decided_from_fp32_embeddings(ct, fast, monk
 
 
 def test_fused_mbconv_computes_what_the_block_computes(fast):
-    """The fused first stage is the same fp32 arithmetic as TinyViT's MBConv, block by block."""
+    """The fused first stage is the same fp32 arithmetic as TinyViT's MBConv, block by block, and
+    running it in bands of rows changes no value."""
     import copy
 
     from SAMSelfPromptLib.modeling.fast_encoder import FusedMBConv, can_fuse, fold_conv_bn, inference_encoder
@@ -199,6 +200,10 @@ def test_fused_mbconv_computes_what_the_block_computes(fast):
             want = block(x.clone())  # MBConv adds in place into its input's result; keep x intact
             got = FusedMBConv(block)(x)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), float((got - want).abs().max())
+        # Bands of rows (uneven ones included) compute exactly the whole map's values.
+        whole, banded = FusedMBConv(block, band_rows=10**6), FusedMBConv(block, band_rows=5)
+        with torch.no_grad():
+            assert torch.equal(banded(x), whole(x))
     fused = inference_encoder(fast.model)
     assert sum(isinstance(m, FusedMBConv) for m in fused.modules()) == len(blocks)
 

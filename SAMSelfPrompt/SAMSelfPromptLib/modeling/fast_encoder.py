@@ -73,32 +73,58 @@ def keep_convs_fp32(module: nn.Module) -> int:
 
 class FusedMBConv(nn.Module):
     """TinyViT's ``MBConv`` (1x1 conv, GELU, depthwise 3x3, GELU, 1x1 conv, + input, GELU) in fp32,
-    each convolution fused by oneDNN with the GELU or the residual add that follows it.
+    each convolution fused by oneDNN with the GELU or the residual add that follows it, and run in
+    bands of ``band_rows`` image rows.
+
+    Why bands: the block widens 64 channels to 256 on a 256 x 256 map, so each intermediate is a
+    64 MB fp32 tensor that streams through memory three times. A band of rows keeps its
+    intermediates a few MB, in cache, and the encoder's peak memory falls by those tensors. Only the
+    depthwise 3x3 looks across rows: each band is widened by one row on either side (the halo), and
+    the halo's outputs, computed against a zero border that is not the image's, are dropped. Every
+    kept value is the same arithmetic as the whole-map block.
 
     Built from an MBConv whose ``Conv2d_BN`` pairs are already folded into plain convolutions."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, band_rows: int = 16):
         super().__init__()
         self.expand, self.depthwise, self.project = block.conv1, block.conv2, block.conv3
         for conv in (self.expand, self.depthwise, self.project):
             if not isinstance(conv, nn.Conv2d):
                 raise TypeError(f"FusedMBConv needs folded convolutions, got {type(conv).__name__}")
+        if tuple(self.depthwise.stride) != (1, 1) or tuple(self.depthwise.padding) != (1, 1):
+            raise ValueError("FusedMBConv's bands assume a stride-1, padding-1 depthwise convolution")
+        self.band_rows = band_rows
 
     @staticmethod
     def _geometry(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
         return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+        """The block's output rows [top, bottom) of x (N x C x H x W, fp32)."""
         pointwise = torch.ops.mkldnn._convolution_pointwise
+        lo, hi = max(top - 1, 0), min(bottom + 1, x.shape[2])  # one halo row each side, inside the image
+        y = pointwise(x[:, :, lo:hi], self.expand.weight, self.expand.bias, *self._geometry(self.expand),
+                      "gelu", [], "none")
+        y = pointwise(y, self.depthwise.weight, self.depthwise.bias, *self._geometry(self.depthwise),
+                      "gelu", [], "none")
+        y = y[:, :, top - lo:top - lo + bottom - top].contiguous(memory_format=torch.channels_last)
+        # project(y) + x in one call; oneDNN has no GELU after a sum post-op, so that one runs apart.
+        y = pointwise.binary(y, x[:, :, top:bottom].contiguous(memory_format=torch.channels_last),
+                             self.project.weight, self.project.bias, *self._geometry(self.project),
+                             "add", None, None, [], None)
+        return F.gelu(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
-            y = pointwise(x, self.expand.weight, self.expand.bias, *self._geometry(self.expand), "gelu", [], "none")
-            y = pointwise(y, self.depthwise.weight, self.depthwise.bias, *self._geometry(self.depthwise),
-                          "gelu", [], "none")
-            # project(y) + x in one call; oneDNN has no GELU after a sum post-op, so that one runs apart.
-            y = pointwise.binary(y, x, self.project.weight, self.project.bias, *self._geometry(self.project),
-                                 "add", None, None, [], None)
-            return F.gelu(y)
+            height = x.shape[2]
+            if height <= self.band_rows:
+                return self._band(x, 0, height)
+            out = torch.empty_like(x, memory_format=torch.channels_last)
+            for top in range(0, height, self.band_rows):
+                bottom = min(top + self.band_rows, height)
+                out[:, :, top:bottom] = self._band(x, top, bottom)
+            return out
 
 
 def can_fuse() -> bool:
