@@ -180,12 +180,13 @@ def test_borderline_first_passes_are_decided_from_fp32_embeddings(ct, fast, monk
     assert check.exact_encodes == 3 and check.encoder_calls == 3 and np.array_equal(again, mask)
 
 
-def test_fused_mbconv_computes_what_the_block_computes(fast):
-    """The fused first stage is the same fp32 arithmetic as TinyViT's MBConv, block by block, and
-    running it in bands of rows changes no value."""
+def test_fused_blocks_compute_what_the_blocks_compute(fast):
+    """The fused convolution blocks (MBConv, PatchMerging) are the same fp32 arithmetic as TinyViT's,
+    block by block, and running them in bands of rows changes no value."""
     import copy
 
-    from SAMSelfPromptLib.modeling.fast_encoder import FusedMBConv, can_fuse, fold_conv_bn, inference_encoder
+    from SAMSelfPromptLib.modeling.fast_encoder import (FusedMBConv, FusedPatchMerging, can_fuse, fold_conv_bn,
+                                                        inference_encoder)
 
     if not can_fuse():
         pytest.skip("this torch build has no oneDNN fused convolutions: the encoder keeps plain blocks")
@@ -204,8 +205,21 @@ def test_fused_mbconv_computes_what_the_block_computes(fast):
         whole, banded = FusedMBConv(block, band_rows=10**6), FusedMBConv(block, band_rows=5)
         with torch.no_grad():
             assert torch.equal(banded(x), whole(x))
+    mergings = [m for m in enc.modules() if type(m).__name__ == "PatchMerging"]
+    assert {m.conv2.stride[0] for m in mergings} == {1, 2}, "LiteMedSAM merges at stride 2 and, last, at stride 1"
+    for block in mergings:
+        h, w = block.input_resolution
+        tokens = torch.randn(1, h * w, block.conv1.in_channels)  # as the stage before hands them over
+        with torch.no_grad():
+            want = block(tokens)
+            whole, banded = FusedPatchMerging(block, band_rows=10**6), FusedPatchMerging(block, band_rows=3)
+            got = banded(tokens)
+            assert torch.equal(got, whole(tokens))
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), float((got - want).abs().max())
     fused = inference_encoder(fast.model)
     assert sum(isinstance(m, FusedMBConv) for m in fused.modules()) == len(blocks)
+    assert sum(isinstance(m, FusedPatchMerging) for m in fused.modules()) == len(mergings)
 
 
 def test_embedding_cache_is_bounded_in_bytes(monkeypatch):

@@ -11,10 +11,13 @@ autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
   for about a sixth of the time.
 - Every ``Conv2d_BN`` (TinyViT's convolution + BatchNorm pair) folded into one convolution,
   and the copy in channels-last, oneDNN's native convolution layout (fewer reorders).
-- **The first stage's MBConv blocks fused** (``FusedMBConv``): each convolution and the GELU
-  or residual add after it run as one oneDNN call. That stage works on 256 x 256 maps of 256
-  channels, where a separate GELU reads and writes 64 MB per call; fused, the encoder took
-  260 instead of 319 ms per slice (one interleaved run), with the same fp32 arithmetic.
+- **The first stage's MBConv blocks and every PatchMerging fused** (``FusedMBConv``,
+  ``FusedPatchMerging``): each convolution and the GELU or residual add after it run as one oneDNN
+  call, in fp32. That stage works on 256 x 256 maps of up to 256 channels, where a separate GELU
+  reads and writes 64 MB per call; fusing the MBConvs took the encoder from 319 to 260 ms per slice
+  (one interleaved run), with the same fp32 arithmetic.
+- **Those blocks run in bands of rows** (``_Banded``): the same values, with intermediates of a few
+  MB instead of 32-64 MB, so less memory traffic and a lower peak (docs/RESULTS.md, Speed).
 
 The mask decoder stays fp32 (it is not under autocast). Nothing needs tracing or compiling:
 the copy is built in milliseconds, so it pays from the first slice (the fp32 TorchScript
@@ -60,71 +63,130 @@ class Float32(nn.Module):
 
 
 def keep_convs_fp32(module: nn.Module) -> int:
-    """Wrap every Conv2d child in ``Float32`` (those inside a ``FusedMBConv`` excepted), in place."""
+    """Wrap every Conv2d child in ``Float32`` (those inside a ``FusedMBConv`` or ``FusedPatchMerging`` excepted), in place."""
     n = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Conv2d):
             setattr(module, name, Float32(child))
             n += 1
-        elif not isinstance(child, FusedMBConv):  # already fp32, and calls its convolutions' weights itself
+        elif not isinstance(child, _Banded):  # already fp32, and calls its convolutions' weights itself
             n += keep_convs_fp32(child)
     return n
 
 
-class FusedMBConv(nn.Module):
-    """TinyViT's ``MBConv`` (1x1 conv, GELU, depthwise 3x3, GELU, 1x1 conv, + input, GELU) in fp32,
-    each convolution fused by oneDNN with the GELU or the residual add that follows it, and run in
-    bands of ``band_rows`` image rows.
+def _geometry(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
+    """A convolution's padding, stride, dilation and groups, as oneDNN's fused calls take them."""
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
-    Why bands: the block widens 64 channels to 256 on a 256 x 256 map, so each intermediate is a
-    64 MB fp32 tensor that streams through memory three times. A band of rows keeps its
-    intermediates a few MB, in cache, and the encoder's peak memory falls by those tensors. Only the
-    depthwise 3x3 looks across rows: each band is widened by one row on either side (the halo), and
-    the halo's outputs, computed against a zero border that is not the image's, are dropped. Every
-    kept value is the same arithmetic as the whole-map block.
+
+def _conv_gelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """GELU(conv(x)) in one oneDNN call (fp32)."""
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *_geometry(conv), "gelu", [], "none")
+
+
+def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *_geometry(conv), "none", [], "none")
+
+
+class _Banded(nn.Module):
+    """A convolution block with one 3x3, padding-1 depthwise convolution (``self.depthwise``), run in
+    bands of ``band_rows`` output rows.
+
+    Why bands: TinyViT's first stage widens its 64 channels to 256 (MBConv) and 128 (the patch
+    merging after it) on a 256 x 256 map, so each intermediate is a 32-64 MB fp32 tensor that streams
+    through memory two or three times. A band of rows keeps them a few MB, in cache, and the encoder's
+    peak memory falls by those tensors. Only the depthwise 3x3 looks across rows: each band's input is
+    widened by the rows it reads above and below (the halo), and outputs computed against a zero
+    border that is not the image's are dropped. Every kept value is the same arithmetic as the
+    whole-map block (``Testing/test_speed.py``)."""
+
+    band_rows: int
+
+    def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _input_rows(self, top: int, bottom: int, height: int) -> tuple[int, int, int]:
+        """Input rows [lo, hi) that output rows [top, bottom) read, and how many leading outputs of the
+        band's convolution to drop. Output row o reads input rows s*o-1 .. s*o+1 (stride s); starting the
+        band ``s`` rows above s*top keeps the band's output grid aligned with the image's."""
+        s = self.depthwise.stride[0]
+        if top == 0:
+            return 0, min(s * (bottom - 1) + 2, height), 0
+        return s * top - s, min(s * (bottom - 1) + 2, height), 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float().contiguous(memory_format=torch.channels_last)
+            rows = (x.shape[2] - 1) // self.depthwise.stride[0] + 1  # output rows of a 3x3, padding-1 conv
+            if rows <= self.band_rows:
+                return self._band(x, 0, rows)
+            bands = [self._band(x, top, min(top + self.band_rows, rows)) for top in range(0, rows, self.band_rows)]
+            out = torch.empty((x.shape[0], bands[0].shape[1], rows, bands[0].shape[3]), dtype=x.dtype,
+                              memory_format=torch.channels_last)
+            top = 0
+            for band in bands:  # the bands are small; one output tensor, filled once
+                out[:, :, top:top + band.shape[2]] = band
+                top += band.shape[2]
+            return out
+
+
+class FusedMBConv(_Banded):
+    """TinyViT's ``MBConv`` (1x1 conv, GELU, depthwise 3x3, GELU, 1x1 conv, + input, GELU) in fp32,
+    each convolution fused by oneDNN with the GELU or the residual add that follows it, in bands of
+    rows (``_Banded``).
 
     Built from an MBConv whose ``Conv2d_BN`` pairs are already folded into plain convolutions."""
 
     def __init__(self, block: nn.Module, band_rows: int = 16):
         super().__init__()
         self.expand, self.depthwise, self.project = block.conv1, block.conv2, block.conv3
-        for conv in (self.expand, self.depthwise, self.project):
-            if not isinstance(conv, nn.Conv2d):
-                raise TypeError(f"FusedMBConv needs folded convolutions, got {type(conv).__name__}")
-        if tuple(self.depthwise.stride) != (1, 1) or tuple(self.depthwise.padding) != (1, 1):
-            raise ValueError("FusedMBConv's bands assume a stride-1, padding-1 depthwise convolution")
+        _check_folded(self, "FusedMBConv")
+        if tuple(self.depthwise.stride) != (1, 1):
+            raise ValueError("FusedMBConv needs a stride-1 depthwise convolution (its input is added to its output)")
         self.band_rows = band_rows
 
-    @staticmethod
-    def _geometry(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
-        return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
-
     def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-        """The block's output rows [top, bottom) of x (N x C x H x W, fp32)."""
-        pointwise = torch.ops.mkldnn._convolution_pointwise
-        lo, hi = max(top - 1, 0), min(bottom + 1, x.shape[2])  # one halo row each side, inside the image
-        y = pointwise(x[:, :, lo:hi], self.expand.weight, self.expand.bias, *self._geometry(self.expand),
-                      "gelu", [], "none")
-        y = pointwise(y, self.depthwise.weight, self.depthwise.bias, *self._geometry(self.depthwise),
-                      "gelu", [], "none")
-        y = y[:, :, top - lo:top - lo + bottom - top].contiguous(memory_format=torch.channels_last)
+        lo, hi, drop = self._input_rows(top, bottom, x.shape[2])
+        y = _conv_gelu(_conv_gelu(x[:, :, lo:hi], self.expand), self.depthwise)
+        y = y[:, :, drop:drop + bottom - top].contiguous(memory_format=torch.channels_last)
         # project(y) + x in one call; oneDNN has no GELU after a sum post-op, so that one runs apart.
-        y = pointwise.binary(y, x[:, :, top:bottom].contiguous(memory_format=torch.channels_last),
-                             self.project.weight, self.project.bias, *self._geometry(self.project),
-                             "add", None, None, [], None)
+        y = torch.ops.mkldnn._convolution_pointwise.binary(
+            y, x[:, :, top:bottom].contiguous(memory_format=torch.channels_last), self.project.weight,
+            self.project.bias, *_geometry(self.project), "add", None, None, [], None)
         return F.gelu(y)
 
+
+class FusedPatchMerging(_Banded):
+    """TinyViT's ``PatchMerging`` (1x1 conv, GELU, depthwise 3x3 at stride 2 or 1, GELU, 1x1 conv) in
+    fp32 with each GELU fused into the convolution before it, in bands of rows (``_Banded``). Takes
+    tokens (B x H*W x C, as TinyViT's later stages pass them) or maps, and returns tokens as the
+    original does."""
+
+    def __init__(self, block: nn.Module, band_rows: int = 8):
+        super().__init__()
+        self.expand, self.depthwise, self.project = block.conv1, block.conv2, block.conv3
+        _check_folded(self, "FusedPatchMerging")
+        self.input_resolution = tuple(block.input_resolution)
+        self.band_rows = band_rows
+
+    def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+        lo, hi, drop = self._input_rows(top, bottom, x.shape[2])
+        y = _conv_gelu(_conv_gelu(x[:, :, lo:hi], self.expand), self.depthwise)
+        return _conv(y[:, :, drop:drop + bottom - top].contiguous(memory_format=torch.channels_last), self.project)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
-            height = x.shape[2]
-            if height <= self.band_rows:
-                return self._band(x, 0, height)
-            out = torch.empty_like(x, memory_format=torch.channels_last)
-            for top in range(0, height, self.band_rows):
-                bottom = min(top + self.band_rows, height)
-                out[:, :, top:bottom] = self._band(x, top, bottom)
-            return out
+        if x.ndim == 3:  # tokens from the stage before: B x H*W x C -> B x C x H x W
+            h, w = self.input_resolution
+            x = x.view(len(x), h, w, -1).permute(0, 3, 1, 2)
+        return super().forward(x).flatten(2).transpose(1, 2)
+
+
+def _check_folded(block: nn.Module, name: str) -> None:
+    for conv in (block.expand, block.depthwise, block.project):
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{name} needs folded convolutions, got {type(conv).__name__}")
+    if tuple(block.depthwise.kernel_size) != (3, 3) or tuple(block.depthwise.padding) != (1, 1):
+        raise ValueError(f"{name}'s bands assume a 3x3, padding-1 depthwise convolution")
 
 
 def can_fuse() -> bool:
@@ -133,31 +195,39 @@ def can_fuse() -> bool:
 
 
 def _exact_gelus(block: nn.Module) -> bool:
-    """The block's three activations are erf GELUs, the one oneDNN's "gelu"/"none" post-op computes.
-    (Its DropPath is the identity in the eval copy.)"""
+    """The block's activations are erf GELUs, the one oneDNN's "gelu"/"none" post-op computes.
+    (An MBConv's DropPath is the identity in the eval copy.)"""
     acts = [getattr(block, name, None) for name in ("act1", "act2", "act3")]
+    if type(block).__name__ == "PatchMerging":
+        acts = [getattr(block, "act", None)]
     return all(isinstance(a, nn.GELU) and a.approximate == "none" for a in acts)
 
 
-def fuse_mbconv(module: nn.Module) -> int:
-    """Replace each (folded) ``MBConv`` child by a ``FusedMBConv``, in place; the number replaced."""
+FUSED = {"MBConv": FusedMBConv, "PatchMerging": FusedPatchMerging}
+
+
+def fuse_blocks(module: nn.Module) -> int:
+    """Replace each (folded) ``MBConv`` and ``PatchMerging`` child by its fused, banded copy, in place;
+    the number replaced."""
     n = 0
     for name, child in list(module.named_children()):
-        if type(child).__name__ == "MBConv" and _exact_gelus(child):
-            setattr(module, name, FusedMBConv(child))
+        fused = FUSED.get(type(child).__name__)
+        if fused is not None and _exact_gelus(child):
+            setattr(module, name, fused(child))
             n += 1
         else:
-            n += fuse_mbconv(child)
+            n += fuse_blocks(child)
     return n
 
 
 def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = True) -> nn.Module:
-    """An eval copy of ``model.image_encoder``: Conv+BN folded, MBConv fused, convs kept fp32, channels-last."""
+    """An eval copy of ``model.image_encoder``: Conv+BN folded, MBConv and PatchMerging fused, convs kept
+    fp32, channels-last."""
     enc = copy.deepcopy(model.image_encoder).eval()
     with torch.no_grad():
         fold_conv_bn(enc)
     if fuse and fp32_convs and can_fuse():
-        fuse_mbconv(enc)  # before keep_convs_fp32, which would wrap the convolutions it takes
+        fuse_blocks(enc)  # before keep_convs_fp32, which would wrap the convolutions it takes
     if fp32_convs:
         keep_convs_fp32(enc)
     enc = enc.to(memory_format=torch.channels_last)
