@@ -63,7 +63,7 @@ class Float32(nn.Module):
 
 
 def keep_convs_fp32(module: nn.Module) -> int:
-    """Wrap every Conv2d child in ``Float32`` (those inside a ``FusedMBConv`` or ``FusedPatchMerging`` excepted), in place."""
+    """Wrap every Conv2d child in ``Float32`` (those inside a fused block excepted), in place."""
     n = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Conv2d):
@@ -120,13 +120,13 @@ class _Banded(nn.Module):
             rows = (x.shape[2] - 1) // self.depthwise.stride[0] + 1  # output rows of a 3x3, padding-1 conv
             if rows <= self.band_rows:
                 return self._band(x, 0, rows)
-            bands = [self._band(x, top, min(top + self.band_rows, rows)) for top in range(0, rows, self.band_rows)]
-            out = torch.empty((x.shape[0], bands[0].shape[1], rows, bands[0].shape[3]), dtype=x.dtype,
-                              memory_format=torch.channels_last)
-            top = 0
-            for band in bands:  # the bands are small; one output tensor, filled once
+            out = None
+            for top in range(0, rows, self.band_rows):
+                band = self._band(x, top, min(top + self.band_rows, rows))
+                if out is None:  # the output's channels and width are known from the first band
+                    out = torch.empty((band.shape[0], band.shape[1], rows, band.shape[3]), dtype=band.dtype,
+                                      device=band.device, memory_format=torch.channels_last)
                 out[:, :, top:top + band.shape[2]] = band
-                top += band.shape[2]
             return out
 
 
