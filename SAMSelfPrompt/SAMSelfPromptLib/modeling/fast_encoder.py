@@ -100,10 +100,28 @@ class _Banded(nn.Module):
     border that is not the image's are dropped. Every kept value is the same arithmetic as the
     whole-map block (``Testing/test_speed.py``)."""
 
-    band_rows: int
+    def __init__(self, block: nn.Module, band_rows: int):
+        """``block``: a TinyViT block whose ``Conv2d_BN`` pairs are already folded into plain convolutions
+        (conv1 1x1 expand, conv2 3x3 depthwise, conv3 1x1 project)."""
+        super().__init__()
+        self.expand, self.depthwise, self.project = block.conv1, block.conv2, block.conv3
+        name = type(self).__name__
+        for conv in (self.expand, self.depthwise, self.project):
+            if not isinstance(conv, nn.Conv2d):
+                raise TypeError(f"{name} needs folded convolutions, got {type(conv).__name__}")
+        if tuple(self.depthwise.kernel_size) != (3, 3) or tuple(self.depthwise.padding) != (1, 1):
+            raise ValueError(f"{name}'s bands assume a 3x3, padding-1 depthwise convolution")
+        self.band_rows = band_rows
 
     def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+        """The block's output rows [top, bottom)."""
         raise NotImplementedError
+
+    def _depthwise_rows(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+        """GELU(depthwise(GELU(expand(x)))) at output rows [top, bottom), from their input rows and halo."""
+        lo, hi, drop = self._input_rows(top, bottom, x.shape[2])
+        y = _conv_gelu(_conv_gelu(x[:, :, lo:hi], self.expand), self.depthwise)
+        return y[:, :, drop:drop + bottom - top].contiguous(memory_format=torch.channels_last)
 
     def _input_rows(self, top: int, bottom: int, height: int) -> tuple[int, int, int]:
         """Input rows [lo, hi) that output rows [top, bottom) read, and how many leading outputs of the
@@ -133,22 +151,15 @@ class _Banded(nn.Module):
 class FusedMBConv(_Banded):
     """TinyViT's ``MBConv`` (1x1 conv, GELU, depthwise 3x3, GELU, 1x1 conv, + input, GELU) in fp32,
     each convolution fused by oneDNN with the GELU or the residual add that follows it, in bands of
-    rows (``_Banded``).
-
-    Built from an MBConv whose ``Conv2d_BN`` pairs are already folded into plain convolutions."""
+    rows (``_Banded``)."""
 
     def __init__(self, block: nn.Module, band_rows: int = 16):
-        super().__init__()
-        self.expand, self.depthwise, self.project = block.conv1, block.conv2, block.conv3
-        _check_folded(self, "FusedMBConv")
+        super().__init__(block, band_rows)
         if tuple(self.depthwise.stride) != (1, 1):
             raise ValueError("FusedMBConv needs a stride-1 depthwise convolution (its input is added to its output)")
-        self.band_rows = band_rows
 
     def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-        lo, hi, drop = self._input_rows(top, bottom, x.shape[2])
-        y = _conv_gelu(_conv_gelu(x[:, :, lo:hi], self.expand), self.depthwise)
-        y = y[:, :, drop:drop + bottom - top].contiguous(memory_format=torch.channels_last)
+        y = self._depthwise_rows(x, top, bottom)
         # project(y) + x in one call; oneDNN has no GELU after a sum post-op, so that one runs apart.
         y = torch.ops.mkldnn._convolution_pointwise.binary(
             y, x[:, :, top:bottom].contiguous(memory_format=torch.channels_last), self.project.weight,
@@ -163,30 +174,17 @@ class FusedPatchMerging(_Banded):
     original does."""
 
     def __init__(self, block: nn.Module, band_rows: int = 8):
-        super().__init__()
-        self.expand, self.depthwise, self.project = block.conv1, block.conv2, block.conv3
-        _check_folded(self, "FusedPatchMerging")
+        super().__init__(block, band_rows)
         self.input_resolution = tuple(block.input_resolution)
-        self.band_rows = band_rows
 
     def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-        lo, hi, drop = self._input_rows(top, bottom, x.shape[2])
-        y = _conv_gelu(_conv_gelu(x[:, :, lo:hi], self.expand), self.depthwise)
-        return _conv(y[:, :, drop:drop + bottom - top].contiguous(memory_format=torch.channels_last), self.project)
+        return _conv(self._depthwise_rows(x, top, bottom), self.project)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:  # tokens from the stage before: B x H*W x C -> B x C x H x W
             h, w = self.input_resolution
             x = x.view(len(x), h, w, -1).permute(0, 3, 1, 2)
         return super().forward(x).flatten(2).transpose(1, 2)
-
-
-def _check_folded(block: nn.Module, name: str) -> None:
-    for conv in (block.expand, block.depthwise, block.project):
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"{name} needs folded convolutions, got {type(conv).__name__}")
-    if tuple(block.depthwise.kernel_size) != (3, 3) or tuple(block.depthwise.padding) != (1, 1):
-        raise ValueError(f"{name}'s bands assume a 3x3, padding-1 depthwise convolution")
 
 
 def can_fuse() -> bool:
