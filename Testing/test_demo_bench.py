@@ -122,3 +122,19 @@ def test_bench_input_may_be_a_data_folder_split():
     r = compare_inputs(paths[:2], torch_cpu(), batch_size=1)
     assert r["input_slices"] == 2 and len(r["inputs"]) == 2 and "Skin lesion" in r["input_model"]
     assert r["dice_vs_naive_min"] <= r["dice_vs_naive"] and r["dice_vs_naive_min"] >= 0.97
+
+
+def test_a_cli_process_runs_without_loading_triton():
+    """The CLI marks Triton (a GPU kernel compiler it never uses) absent before torch looks, so a CLI process
+    does not map its 75 MB library when torchvision imports torch._dynamo; the model still loads and runs."""
+    import subprocess
+    import sys
+
+    code = ("import SAMSelfPromptLib.cli.main, sys, torch, torchvision, segment_anything\n"
+            "from torch.utils._triton import has_triton_package\n"
+            "from SAMSelfPromptLib.weights.catalogue import open_segmenter\n"
+            "seg = open_segmenter(device='cpu', modality='CT').segmenter\n"
+            "emb = seg._encoder(1)(torch.rand(1, 3, 256, 256))\n"
+            "print(sys.modules['triton'], has_triton_package(), 'torch._dynamo' in sys.modules, tuple(emb.shape))")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "None False True (1, 256, 64, 64)"

@@ -238,13 +238,13 @@ class Segmenter:
         self.cache = SliceEmbeddingCache()
         self.encoder_calls = 0  # slices actually encoded; tests use it to prove cache reuse
         self.exact_encodes = 0  # slices encoded again in fp32 because pass 1 was borderline (_recheck_borderline)
-        self._exact_keys: set[tuple] = set()  # cache keys whose embedding came from the fp32 module
+        self._exact_keys: set[tuple] = set()  # cache keys whose embedding was computed in fp32
         # Command-line runs set this: on the CPU a request of 24+ slices then traces the encoder
         # once (frozen_encoder.py: 14 s, then 22% less per slice). Off for the Slicer worker,
         # where the Python-level tracing would hold the GIL against the UI for those seconds.
         self.trace_encoder = False
         self._traced_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._fast_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._fast_encode: Callable[..., torch.Tensor] | None = None
         self._windows: dict[tuple, tuple[int, int, int, int] | None] = {}  # scale_window per volume
         # Set when the device ran out of memory: the most slices encoded at once from then on.
         self.max_encode_batch: int | None = None
@@ -272,9 +272,7 @@ class Segmenter:
     def _encoder(self, n_slices: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """The encoder for ``n_slices``: the folded bf16 copy on a bf16 CPU, else the (traced) module."""
         if self.device.type == "cpu" and self.precision != "fp32":
-            if self._fast_encode is None:  # folded bf16 copy: no tracing, pays from the first slice
-                self._fast_encode = one_at_a_time(fast_encoder(self.model, self.precision))
-            return self._fast_encode
+            return one_at_a_time(self._folded_encoder())
         if self._traced_encode is None and self.trace_encoder:
             encode = encoder_for(self.model, n_slices)
             if encode != self.model.encode:
@@ -283,6 +281,14 @@ class Segmenter:
             return self._traced_encode
         # Run under autocast_for(device, self.precision). On the CPU one slice at a time (one_at_a_time).
         return one_at_a_time(self.model.encode) if self.device.type == "cpu" else self.model.encode
+
+    def _folded_encoder(self) -> Callable[..., torch.Tensor]:
+        """The folded copy of the encoder (modeling/fast_encoder.py), built once: no tracing, it pays
+        from the first slice. Called with a precision ("fp32" for the exact re-encodes) or without
+        (this Segmenter's)."""
+        if self._fast_encode is None:
+            self._fast_encode = fast_encoder(self.model, self.precision)
+        return self._fast_encode
 
     # --- intensity and inputs -------------------------------------------------------------
     def intensity_for(self, volume: Volume, options: SegmentOptions) -> Intensity:
@@ -398,7 +404,7 @@ class Segmenter:
 
     def _exact_encoder(self, volume: Volume, stack: SliceStack, intensity: Intensity
                        ) -> Callable[[int], torch.Tensor | None] | None:
-        """For a reduced-precision encoder: slice k -> its embedding from the fp32 module, which then
+        """For a reduced-precision encoder: slice k -> its embedding in fp32, which then
         replaces the fast one in the cache (a re-run and clicks decode the same); None where the
         cached one is already exact. None for an fp32 Segmenter."""
         if self.precision == "fp32":
@@ -411,8 +417,11 @@ class Segmenter:
             if key in self._exact_keys:
                 return None
             batch, frames = self._host_batch(stack, [k], intensity, volume.name, window)
-            with torch.no_grad(), autocast_for(self.device, "fp32"):
-                emb = self.model.encode(self._to_device(batch)).float()
+            if self.device.type == "cpu":  # the folded copy in fp32: the module's values at half its peak memory
+                emb = self._folded_encoder()(batch, "fp32")
+            else:
+                with torch.no_grad(), autocast_for(self.device, "fp32"):
+                    emb = self.model.encode(self._to_device(batch)).float()
             self.cache.put(key, emb[0], frames[0], replace=True)
             self._exact_keys.add(key)
             self.exact_encodes += 1
