@@ -222,6 +222,23 @@ def test_fused_blocks_compute_what_the_blocks_compute(fast):
     assert sum(isinstance(m, FusedPatchMerging) for m in fused.modules()) == len(mergings)
 
 
+def test_window_attention_in_chunks_computes_what_all_windows_at_once_compute(fast):
+    """Each TinyViT window attention of the fast copy runs a few windows at a time (a lower peak), with the
+    same values as all the windows in one call, in fp32 and under bf16 autocast."""
+    from SAMSelfPromptLib.modeling.fast_encoder import WindowChunkedAttention, inference_encoder
+
+    enc = inference_encoder(fast.model)
+    wrapped = [m for m in enc.modules() if isinstance(m, WindowChunkedAttention)]
+    assert len(wrapped) == sum(type(m).__name__ == "Attention" for m in fast.model.image_encoder.modules()) > 0
+    for chunked in wrapped:
+        tokens = chunked.attention.attention_bias_idxs.shape[0]
+        windows = 2 * chunked.windows_per_chunk + 1  # two whole chunks and a short one
+        x = torch.randn(windows, tokens, chunked.attention.norm.normalized_shape[0])
+        for bf16 in (False, True):
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                assert torch.equal(chunked(x), chunked.attention(x))
+
+
 def test_embedding_cache_is_bounded_in_bytes(monkeypatch):
     monkeypatch.setenv("SAMSELFPROMPT_CACHE_MB", "5")
     cache = SliceEmbeddingCache()

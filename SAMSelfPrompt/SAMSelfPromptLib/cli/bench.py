@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -72,6 +73,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype | None = None) -> tuple
 
 def encoder_flops(segmenter: Segmenter) -> tuple[float, float]:
     """(all, convolution) FLOPs of one slice through the image encoder."""
+    # Its import warns that Triton kernels cannot be counted: the CLI keeps Triton out (cli/__init__.py),
+    # and the encoder runs none.
+    logging.getLogger("torch.utils.flop_counter").setLevel(logging.ERROR)
     from torch.utils.flop_counter import FlopCounterMode
 
     size = segmenter.model.image_size

@@ -18,6 +18,9 @@ autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
   (one interleaved run), with the same fp32 arithmetic.
 - **Those blocks run in bands of rows** (``_Banded``): the same values, with intermediates of a few
   MB instead of 32-64 MB, so less memory traffic and a lower peak (docs/RESULTS.md, Speed).
+- **Window attention runs a few windows at a time** (``WindowChunkedAttention``): the same values,
+  and the encoder's peak of live tensors falls from 80 to 59 MB a slice (it was in the second
+  stage's attention over 361 windows), at the same speed.
 
 The mask decoder stays fp32 (it is not under autocast). Nothing needs tracing or compiling:
 the copy is built in milliseconds, so it pays from the first slice (the fp32 TorchScript
@@ -187,6 +190,47 @@ class FusedPatchMerging(_Banded):
         return super().forward(x).flatten(2).transpose(1, 2)
 
 
+class WindowChunkedAttention(nn.Module):
+    """TinyViT's window ``Attention`` run on a few windows at a time.
+
+    A TinyViT block hands its attention every window of the map at once (361 windows of 7 x 7 tokens
+    in the second stage), so the attention scores, their fp32 copy for the bias add and the softmax
+    are each a 7-18 MB tensor: the encoder's peak of live tensors sits there. Each window's attention
+    is independent of the others (layer norm, projections and softmax are all per token or per
+    window), so running ``max_score_elements`` worth of windows at a time keeps those tensors a few
+    MB and computes the same values (``Testing/test_speed.py``)."""
+
+    def __init__(self, attention: nn.Module, max_score_elements: int = 1 << 20):
+        super().__init__()
+        self.attention = attention
+        tokens = attention.attention_bias_idxs.shape[0]
+        self.windows_per_chunk = max(1, max_score_elements // (attention.num_heads * tokens * tokens))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.windows_per_chunk
+        if len(x) <= step:
+            return self.attention(x)
+        out = None
+        for start in range(0, len(x), step):
+            part = self.attention(x[start:start + step])
+            if out is None:  # dtype and width are known from the first chunk (autocast decides them)
+                out = torch.empty((len(x), *part.shape[1:]), dtype=part.dtype, device=part.device)
+            out[start:start + len(part)] = part
+        return out
+
+
+def chunk_window_attention(module: nn.Module) -> int:
+    """Wrap each TinyViT ``Attention`` child in ``WindowChunkedAttention``, in place; the number wrapped."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if type(child).__name__ == "Attention" and hasattr(child, "attention_bias_idxs"):
+            setattr(module, name, WindowChunkedAttention(child))
+            n += 1
+        else:
+            n += chunk_window_attention(child)
+    return n
+
+
 def can_fuse() -> bool:
     """oneDNN's fused convolutions exist in this torch build (x86 and most ARM CPU builds)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
@@ -228,6 +272,7 @@ def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = 
         fuse_blocks(enc)  # before keep_convs_fp32, which would wrap the convolutions it takes
     if fp32_convs:
         keep_convs_fp32(enc)
+    chunk_window_attention(enc)
     enc = enc.to(memory_format=torch.channels_last)
     for p in enc.parameters():
         p.requires_grad_(False)
