@@ -180,6 +180,25 @@ def test_borderline_first_passes_are_decided_from_fp32_embeddings(ct, fast, monk
     assert check.exact_encodes == 3 and check.encoder_calls == 3 and np.array_equal(again, mask)
 
 
+def test_presence_scores_near_the_threshold_are_decided_from_fp32_embeddings(ct, fast, monkeypatch):
+    """With a presence threshold, a slice whose pass 1 found something and whose presence score lies near the
+    threshold is re-encoded in fp32 too (bf16 moved left-atrium-mr's slice 68 from 0.052 to under 0.05)."""
+    from SAMSelfPromptLib.core import predictor
+
+    metadata = dict(fast.metadata, presence_threshold=0.01)
+    check = Segmenter(fast.model, "cpu", metadata)
+    if check.precision == "fp32":
+        pytest.skip("this CPU has no native bf16: the fast path is the fp32 path")
+    monkeypatch.setattr(predictor, "BORDERLINE_LOGIT", 0.0)  # none by their logits: only the presence rule
+    monkeypatch.setattr(predictor, "BORDERLINE_PRESENCE", float("inf"))
+    volume, _ = ct
+    opts = SegmentOptions(slice_range=(8, 11), skip_slices=False)
+    naive_mask, _ = segment_volume(Segmenter(fast.model, "cpu", metadata, precision="fp32"), volume, opts)
+    mask, _ = segment_volume(check, volume, opts)
+    assert mask[8:11].any() and check.exact_encodes == sum(bool(mask[k].any()) for k in range(8, 11))
+    assert np.array_equal(mask, naive_mask)
+
+
 def test_fused_blocks_compute_what_the_blocks_compute(fast):
     """The fused convolution blocks (MBConv, PatchMerging) are the same fp32 arithmetic as TinyViT's,
     block by block, and running them in bands of rows changes no value."""

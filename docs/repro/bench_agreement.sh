@@ -14,5 +14,5 @@ out["la_val"] = compare_inputs(input_files("../shared/data/la_mri/images/23X6SY4
 for k, r in out.items():
     print(k, r["input_slices"], "slices: dice_vs_naive", round(r["dice_vs_naive"], 4), "lowest", round(r.get("dice_vs_naive_min", r["dice_vs_naive"]), 4))
     r.pop("inputs", None)
-open("runs/bench/agreement_s6.json", "w").write(json.dumps(out, indent=1))
+open("runs/bench/agreement.json", "w").write(json.dumps(out, indent=1))
 PY

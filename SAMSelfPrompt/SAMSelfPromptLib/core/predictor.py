@@ -99,8 +99,10 @@ class SliceResult:
     logits: torch.Tensor | None = field(default=None, repr=False)
 
 
-# Pass-1 maxima this close to 0 are decided again from an fp32 embedding (Segmenter._recheck_borderline).
+# Pass-1 maxima this close to 0, and presence scores this close to the checkpoint's threshold, are decided
+# again from an fp32 embedding (Segmenter._recheck_borderline).
 BORDERLINE_LOGIT = 0.3
+BORDERLINE_PRESENCE = 0.02
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -571,7 +573,9 @@ class Segmenter:
                 # (the skipping path batches other slices together than the full path).
                 parts = [self._sam_sp(embs[j:j + 1], fallback[j:j + 1], empty_y0, structure) for j in range(len(chunk))]
                 sp = SelfPromptOutput(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                                        ("y0", "boxes", "fallback_used", "y1", "iou")))
+                                        ("y0", "boxes", "fallback_used", "y1", "iou")),
+                                      presence=None if parts[0].presence is None else
+                                      torch.cat([p.presence for p in parts]))
             else:
                 sp = self._sam_sp(embs, fallback, empty_y0, structure)
             if exact is not None:
@@ -588,21 +592,30 @@ class Segmenter:
 
     def _recheck_borderline(self, sp: SelfPromptOutput, chunk: list[int], fallback: torch.Tensor, empty_y0: str,
                             structure: int, exact: Callable[[int], torch.Tensor | None]) -> None:
-        """Decode again, from an fp32 embedding, the slices whose first-pass maximum logit lies within
-        BORDERLINE_LOGIT of 0, and put their results into ``sp``.
+        """Decode again, from an fp32 embedding, the slices whose first pass is borderline, and put their
+        results into ``sp``. Borderline: its maximum logit lies within BORDERLINE_LOGIT of 0, or it found
+        something and its presence score lies within BORDERLINE_PRESENCE of the checkpoint's threshold.
 
-        Whether pass 1 finds anything decides whether a slice is painted at all. bf16's ~1-2%
-        embedding error moved left-atrium-mr's pass-1 logits by 0.15-0.25, enough to empty two
-        mid-volume slices that fp32 paints (docs/RESULTS.md, Speed); slices this close to the
-        decision are few (4 of 88 there), so they pay for the fp32 encoder and no others do."""
+        Whether pass 1 finds anything, and whether its presence score clears the threshold, decide
+        whether a slice is painted at all. bf16's ~1-2% embedding error moved left-atrium-mr's pass-1
+        logits by 0.15-0.25, enough to empty two mid-volume slices that fp32 paints, and at its presence
+        threshold 0.05 it took a slice whose fp32 score is 0.052 below it (docs/RESULTS.md, Speed);
+        slices this close to either decision are few (8 of 88 there), so they pay for the fp32 encoder
+        and no others do."""
         peak = sp.y0.flatten(1).amax(1)
-        for j in torch.nonzero(peak.abs() < BORDERLINE_LOGIT).flatten().tolist():
+        borderline = peak.abs() < BORDERLINE_LOGIT
+        threshold = self.presence_threshold
+        if threshold > 0 and sp.presence is not None:
+            borderline |= (peak > 0) & ((sp.presence[:, 0] - threshold).abs() < BORDERLINE_PRESENCE)
+        for j in torch.nonzero(borderline).flatten().tolist():
             emb = exact(chunk[j])
             if emb is None:
                 continue
             part = self._sam_sp(emb.to(self.device), fallback[j:j + 1], empty_y0, structure)
             for name in ("y0", "boxes", "fallback_used", "y1", "iou"):
                 getattr(sp, name)[j] = getattr(part, name)[0]
+            if sp.presence is not None and part.presence is not None:
+                sp.presence[j] = part.presence[0]
 
     def _propagate(self, volume, stack, indices, intensity, options, boxes, cancel) -> Iterator[SliceResult]:
         """Seed on the slice whose first-pass mask is largest, then carry its box outward.
