@@ -69,14 +69,7 @@ def print_targets() -> None:
             print(f"    terms: {'NON-COMMERCIAL USE ONLY. ' if spec.noncommercial else ''}{spec.terms}")
             continue
         summary = models[spec.name].summary
-        val = summary.get("val_metrics") or {}
-        rows = summary.get("val_rows") or {}
-        parts = [f"val samsp Dice {val['samsp']:.3f}" if "samsp" in val else "",
-                 f"samsp_y0 {val['samsp_y0']:.3f}" if "samsp_y0" in val else "",
-                 f"gt_box {rows['gt_box']['dice']:.3f}" if "gt_box" in rows else "",
-                 f"false-positive rate {val['fp_rate']:.1%} of {val.get('n_negative')} negatives"
-                 if val.get("n_negative") else ""]
-        print(f"    {t.path.name}: " + ", ".join(p for p in parts if p))
+        print(f"    {t.path.name}: " + _val_line(summary))
         volumes = summary.get("val_volumes") or {}
         for key, m in volumes.items():
             if key.startswith("samsp/"):
@@ -95,6 +88,26 @@ def print_targets() -> None:
         print(f"Your targets (made with Adapt, in {adapted_dir()}; `segment --target NAME`):")
         for t in mine:
             print(f"  {t.name:18s} {'/'.join(t.kinds):4s} {', '.join(s.name for s in t.structures)} ({t.path})")
+
+
+def _val_line(summary: dict) -> str:
+    """One target's val numbers, all from one source: the table ``evaluate --write-summary`` recorded
+    (every val image or volume) where there is one, else the trainer's selection numbers."""
+    rows = summary.get("val_rows") or {}
+    if "samsp" in rows:
+        samsp = rows["samsp"]
+        parts = [f"val samsp Dice {samsp['dice']:.3f} on {samsp['n']} images or slices with the structure",
+                 f"samsp_y0 {rows['samsp_y0']['dice']:.3f}" if "samsp_y0" in rows else "",
+                 f"gt_box {rows['gt_box']['dice']:.3f}" if "gt_box" in rows else "",
+                 f"anything painted on {samsp['fp_slices']} of {samsp['n_negative']} without it"
+                 if samsp.get("n_negative") else ""]
+        return ", ".join(p for p in parts if p)
+    val = summary.get("val_metrics") or {}
+    parts = [f"val samsp Dice {val['samsp']:.3f}" if "samsp" in val else "",
+             f"samsp_y0 {val['samsp_y0']:.3f}" if "samsp_y0" in val else "",
+             f"false-positive rate {val['fp_rate']:.1%} of {val.get('n_negative')} negatives"
+             if val.get("n_negative") else ""]
+    return ", ".join(p for p in parts if p) + " (the trainer's val selection)"
 
 
 def register(subparsers) -> None:
