@@ -324,11 +324,42 @@ def test_prefetched_keeps_order_raises_at_the_item_and_stops_its_thread():
     gen.close()  # a cancelled run: the helper thread is shut down, not left behind
     assert not [t for t in threading.enumerate() if t.name.startswith("samselfprompt-prefetch")]
 
+    # ahead=0: each item prepared on the calling thread when its turn comes, and no helper thread.
+    where = []
+    for k, sq in prefetched(range(3), lambda k: (where.append(threading.current_thread()), k * k)[1], ahead=0):
+        assert sq == k * k and len(where) == k + 1  # nothing prepared ahead of its turn
+    assert set(where) == {threading.current_thread()}
+
+
+def test_on_the_cpu_slices_are_prepared_on_the_segmenting_thread(ct, fast):
+    """No helper thread on the CPU: a second thread running torch ops gives OpenMP a second team, and
+    libgomp then stops its threads spin-waiting, which slowed every slice (core/prefetch.py)."""
+    import threading
+
+    volume, _ = ct
+    seg = Segmenter(fast.model, "cpu", fast.metadata)
+    assert seg.prefetch_ahead == 0
+    prepared_on = []
+    host_batch = seg._host_batch
+
+    def recording(*args, **kwargs):
+        prepared_on.append(threading.current_thread())
+        return host_batch(*args, **kwargs)
+
+    seg._host_batch = recording
+    helpers = []
+    opts = SegmentOptions(batch_size=1, skip_slices=False, slice_range=(10, 13))
+    segment_volume(seg, volume, opts, on_slice=lambda r: helpers.extend(
+        t for t in threading.enumerate() if t.name.startswith("samselfprompt-prefetch")))
+    assert len(prepared_on) == 3 and set(prepared_on) == {threading.current_thread()}
+    assert helpers == []
+
 
 def test_a_slice_evicted_after_it_was_prepared_is_encoded_again(ct, fast):
     """The prefetch thread skips slices that are cached; one evicted before its turn is prepared then."""
     volume, _ = ct
     seg = Segmenter(fast.model, "cpu", fast.metadata)
+    seg.prefetch_ahead = 1  # the GPU's setting: a helper thread prepares the next slice (none on the CPU)
     seg.cache = SliceEmbeddingCache(max_bytes=1)  # holds one slice: the newest
     opts = SegmentOptions(batch_size=1, skip_slices=False)
     first, _ = segment_volume(seg, volume, replace(opts, slice_range=(10, 12)))  # leaves slice 11 cached

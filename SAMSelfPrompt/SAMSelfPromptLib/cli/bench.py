@@ -114,9 +114,11 @@ def write_ct(volume: Volume, path: Path) -> None:
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
-def run_job(segmenter: Segmenter, volume: Volume, options: SegmentOptions) -> tuple[dict, int]:
+def run_job(segmenter, volume: Volume, options: SegmentOptions) -> tuple[dict, int]:
     """The hosts' job path: ``segmentation_job`` on a Worker; events drained here and dropped, as a
-    host drains them. Returns the job's summary (with the mask) and the events seen."""
+    host drains them. ``segmenter``: a warm Segmenter, or a function ``(ctx) -> Segmenter`` that opens
+    one on the worker, as the Slicer Logic does. Returns the job's summary (with the mask) and the
+    events seen."""
     from ..runtime.jobs import Worker, segmentation_job
 
     worker = Worker(name="samselfprompt-bench")
@@ -132,26 +134,68 @@ def run_job(segmenter: Segmenter, volume: Volume, options: SegmentOptions) -> tu
 
 
 def end_to_end(path: Path, out: Path, device: str, precision: str | None, skip: bool, batch_size: int) -> dict:
-    """Auto-segment a file as a host does: read, open the model, run the job, write the segmentation."""
+    """Auto-segment a file as the Slicer module does: read it, then on the worker thread open the model
+    and segment, then write the segmentation. All torch work runs on that one thread, as in the hosts
+    (core/prefetch.py says why a second thread doing torch work would slow every slice)."""
     from ..io import read_any, write_labelmap
     from ..weights.catalogue import open_segmenter
 
     t0 = time.perf_counter()
     volume = read_any(path)
     t1 = time.perf_counter()
-    seg = open_segmenter(device=device, modality=volume.modality, is_rgb=volume.is_rgb).segmenter
-    if precision is not None:
-        seg.precision = precision  # before the first encode, so the encoder is built for it
-    t2 = time.perf_counter()
-    summary, _ = run_job(seg, volume, SegmentOptions(batch_size=batch_size, skip_slices=skip))
+    opened: dict = {}
+
+    def load(ctx) -> Segmenter:
+        t = time.perf_counter()
+        seg = open_segmenter(device=device, modality=volume.modality, is_rgb=volume.is_rgb).segmenter
+        if precision is not None:
+            seg.precision = precision  # before the first encode, so the encoder is built for it
+        opened.update(segmenter=seg, model_s=time.perf_counter() - t)
+        return seg
+
+    summary, _ = run_job(load, volume, SegmentOptions(batch_size=batch_size, skip_slices=skip))
+    seg = opened["segmenter"]
     _sync(seg.device)
     t3 = time.perf_counter()
     write_labelmap(out, summary["mask"], volume.ijk_to_ras, [{"label": 1, "name": "SAM-SP"}], overwrite=True)
     t4 = time.perf_counter()
-    return {"seconds": t4 - t0, "read_s": t1 - t0, "model_s": t2 - t1, "segment_s": t3 - t2, "write_s": t4 - t3,
+    return {"seconds": t4 - t0, "read_s": t1 - t0, "model_s": opened["model_s"],
+            "segment_s": t3 - t1 - opened["model_s"], "write_s": t4 - t3,
             "slices": int(volume.array.shape[0]), "encoded": seg.encoder_calls, "exact_encoded": seg.exact_encodes,
-            "nonempty": summary["nonempty"],
-            "precision": seg.precision, "mask": summary["mask"]}
+            "nonempty": summary["nonempty"], "precision": seg.precision,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if seg.device.type == "cuda" else None,
+            "mask": summary["mask"]}
+
+
+def end_to_end_child(path: str, out: str, device: str, precision: str | None, skip: bool, batch_size: int,
+                     threads: int | None) -> None:
+    """Run in a fresh process by ``end_to_end_fresh``: ``end_to_end``, its mask saved next to ``out``
+    (``out`` + .npy); prints one JSON line."""
+    if threads:
+        torch.set_num_threads(threads)
+    run = end_to_end(Path(path), Path(out), device, precision, skip, batch_size)
+    np.save(out + ".npy", run.pop("mask"))
+    print(json.dumps(run))
+
+
+def end_to_end_fresh(path: Path, out: Path, device: str, precision: str | None, skip: bool, batch_size: int,
+                     threads: int | None) -> dict:
+    """``end_to_end`` in a fresh process, as a user starts one: this process has run torch on its own
+    thread for the encoder timings, and its OpenMP threads would slow the worker's (core/prefetch.py)."""
+    run = _in_child("end_to_end_child", str(path), str(out), device, precision, skip, batch_size, threads)
+    run["mask"] = np.load(str(out) + ".npy")
+    return run
+
+
+def _in_child(function: str, *args) -> dict:
+    """``function(*args)`` of this module in a fresh Python process; the JSON line it prints last."""
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding SAMSelfPromptLib
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    code = f"from SAMSelfPromptLib.cli.bench import {function}; {function}{tuple(args)!r}"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {function} run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_mb() -> float:
@@ -186,14 +230,7 @@ def rss_child(slices: int, size: int, device: str, batch_size: int, threads: int
 
 def peak_rss(slices: int, size: int, device: str, batch_size: int, threads: int | None) -> dict:
     """``rss_child`` in a subprocess: its ru_maxrss is that run's peak, not this process's."""
-    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding SAMSelfPromptLib
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
-    code = ("from SAMSelfPromptLib.cli.bench import rss_child; "
-            f"rss_child({slices}, {size}, {device!r}, {batch_size}, {threads!r})")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the memory run failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _in_child("rss_child", slices, size, device, batch_size, threads)
 
 
 def input_files(path: str, split: str | None = None) -> list[Path]:
@@ -305,11 +342,11 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None
     with tempfile.TemporaryDirectory(prefix="samsp-bench-") as tmp:
         ct_path = Path(tmp) / "ct_phantom.nii.gz"
         write_ct(phantom, ct_path)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        fast_run = end_to_end(ct_path, Path(tmp) / "fast.seg.nrrd", str(device), None, True, batch_size)
-        gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-        naive_run = end_to_end(ct_path, Path(tmp) / "naive.seg.nrrd", str(device), "fp32", False, batch_size)
+        fast_run = end_to_end_fresh(ct_path, Path(tmp) / "fast.seg.nrrd", str(device), None, True, batch_size,
+                                    threads)
+        naive_run = end_to_end_fresh(ct_path, Path(tmp) / "naive.seg.nrrd", str(device), "fp32", False, batch_size,
+                                     threads)
+        gpu_mb = fast_run["peak_gpu_mb"]
     phantom_dice = dice(fast_run.pop("mask"), naive_run.pop("mask"))
     compared = compare_inputs(input_files(input_path, split), device, batch_size, target) if input_path else {
         "input": None, "dice_vs_naive": phantom_dice}

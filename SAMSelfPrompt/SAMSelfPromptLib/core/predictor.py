@@ -251,6 +251,10 @@ class Segmenter:
         # Set when the device ran out of memory: the most slices encoded at once from then on.
         self.max_encode_batch: int | None = None
         self.oom_retries = 0
+        # Slices prepared ahead on a helper thread (core/prefetch.py): one on a GPU, where host work
+        # would starve the device; none on the CPU, where a second thread running torch ops costs
+        # every parallel op of the encoder its spin-wait (prefetch.py says why, with the numbers).
+        self.prefetch_ahead = 0 if self.device.type == "cpu" else 1
 
     @property
     def method(self) -> str:
@@ -361,8 +365,9 @@ class Segmenter:
     ) -> Iterator[tuple[list[int], torch.Tensor, list[Frame]]]:
         """Yield (indices, B x 256 x 64 x 64 on device, frames), encoding only uncached slices.
 
-        The next batch's slices are prepared on a helper thread while this one is encoded and
-        decoded (core/prefetch.py); on CUDA in pinned memory, copied without blocking."""
+        On a GPU the next batch's slices are prepared on a helper thread while this one is encoded
+        and decoded (core/prefetch.py), in pinned memory, copied without blocking; on the CPU they
+        are prepared in turn on this thread (``prefetch_ahead``)."""
         window = self.scale_window(volume, stack, intensity)
         key_of = self._cache_keys(volume, stack, intensity, window)
         encode = self._encoder(len(indices))
@@ -374,7 +379,7 @@ class Segmenter:
             need = [k for k in chunk if key_of(k) not in self.cache]
             return (need, *self._host_batch(stack, need, intensity, volume.name, window))
 
-        for chunk, (prepared, batch, frames) in prefetched(chunks, prepare):
+        for chunk, (prepared, batch, frames) in prefetched(chunks, prepare, self.prefetch_ahead):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled by the user")
             keys = [key_of(k) for k in chunk]
