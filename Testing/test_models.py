@@ -187,8 +187,27 @@ def test_batched_decode_equals_one_by_one(lite_model):
             torch.testing.assert_close(iou[i : i + 1], ii, atol=1e-4, rtol=0)
 
 
+def _stock_decoder(model: SamBackbone) -> MaskDecoder:
+    """A copy of ``model``'s mask decoder with segment-anything's own attention modules back in place."""
+    import copy
+
+    from segment_anything.modeling.transformer import Attention
+
+    from SAMSelfPromptLib.modeling.backbones import FusedAttention
+
+    dec = copy.deepcopy(model.mask_decoder)
+    fused = [m for m in dec.modules() if type(m) is FusedAttention]
+    assert len(fused) == 7  # per block: self, token-to-image, image-to-token (x2); the final token-to-image
+    for m in fused:
+        m.__class__ = Attention
+    return dec
+
+
 @torch.no_grad()
 def test_decode_matches_segment_anything_mask_decoder(lite_model):
+    """decode() (paired prompts, fused attention, channels-last tokens, the matrix-product head, the
+    cached positional encoding) against segment-anything's MaskDecoder as shipped."""
+    stock = _stock_decoder(lite_model)
     gen = torch.Generator().manual_seed(3)
     emb = torch.randn(1, 256, 64, 64, generator=gen)
     box = _prompts(1, gen)
@@ -198,7 +217,7 @@ def test_decode_matches_segment_anything_mask_decoder(lite_model):
     for kw in cases:
         sparse, dense = lite_model.prompt_encoder(points=kw.get("points"), boxes=kw.get("boxes"),
                                                   masks=kw.get("mask_logits"))
-        want, want_iou = lite_model.mask_decoder(
+        want, want_iou = stock(
             image_embeddings=emb, image_pe=lite_model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
         )
@@ -227,6 +246,23 @@ def test_fast_mask_head_matches_the_modules_forward_and_backward(lite_model):
     wrt = [tokens, hyper, *up.parameters()]
     for got, want in zip(torch.autograd.grad(fast, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
+def test_the_cached_positional_encoding_follows_its_matrix(lite_model):
+    """decode() reuses one dense positional encoding; loading other values into the prompt encoder's
+    Gaussian matrix (in place, as load_state_dict does) must give the new encoding, not the cached one."""
+    import copy
+
+    model = copy.deepcopy(lite_model)
+    first = model.dense_positional_encoding()
+    assert model.dense_positional_encoding() is first  # reused while the matrix is unchanged
+    torch.testing.assert_close(first, model.prompt_encoder.get_dense_pe())
+    gauss = model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    model.prompt_encoder.load_state_dict({**model.prompt_encoder.state_dict(),
+                                          "pe_layer.positional_encoding_gaussian_matrix": gauss * 2})
+    again = model.dense_positional_encoding()
+    assert again is not first
+    torch.testing.assert_close(again, model.prompt_encoder.get_dense_pe())
 
 
 def test_other_output_heads_run_through_their_modules(lite_model):

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling.transformer import Attention
 
 from ..errors import CheckpointError, DeviceError
 from ..io.files import sha256_of
@@ -52,6 +53,34 @@ class DownloadSpec:
     filename: str
 
 
+class FusedAttention(Attention):
+    """segment-anything's decoder ``Attention`` with softmax(q k^T / sqrt(d)) v computed by
+    ``F.scaled_dot_product_attention``: the same parameters, projections and head layout, and the
+    same values up to float rounding (``Testing/test_models.py``).
+
+    Why: in the image-to-token attention each of the 4096 image tokens attends over a handful of
+    prompt tokens, and a separate softmax over rows of 9 is slow on the CPU (2.6 ms for one
+    8 x 4096 x 9 map); the fused call took 1.7 ms for the whole attention against 3.1, and a decoder
+    pass 2.5-4 ms less (interleaved runs)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = self._separate_heads(self.q_proj(q), self.num_heads)
+        k = self._separate_heads(self.k_proj(k), self.num_heads)
+        v = self._separate_heads(self.v_proj(v), self.num_heads)
+        return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+def fuse_decoder_attention(decoder: nn.Module) -> int:
+    """Make every segment-anything ``Attention`` in ``decoder`` a ``FusedAttention``, in place (its
+    class only: the weights and the state-dict keys stay as they are); the number changed."""
+    n = 0
+    for module in decoder.modules():
+        if type(module) is Attention:
+            module.__class__ = FusedAttention
+            n += 1
+    return n
+
+
 class SamBackbone(nn.Module):
     """Image encoder + SAM prompt encoder + SAM mask decoder, with SAM-SP helpers."""
 
@@ -72,6 +101,8 @@ class SamBackbone(nn.Module):
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         )
+        fuse_decoder_attention(self.mask_decoder)
+        self._dense_pe: tuple[tuple, torch.Tensor] | None = None  # (what it was computed from, the tensor)
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -153,8 +184,11 @@ class SamBackbone(nn.Module):
         if shift is not None:
             which = structure if structure is not None else torch.zeros(batch, dtype=torch.long)
             dense = dense + shift[which.to(shift.device)][:, :, None, None]
-        src = embeddings + dense
-        pos = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)
+        # Channels-last, so that the transformer's flatten(2).permute(0, 2, 1) hands its layers
+        # contiguous B x HW x C tokens: on the CPU an add of two transposed 4096 x 256 views took
+        # 1.5 ms against 0.07 ms contiguous, and a decoder pass makes about ten such adds.
+        src = (embeddings + dense).contiguous(memory_format=torch.channels_last)
+        pos = self.dense_positional_encoding().expand(batch, -1, -1, -1)
         b, c, h, w = src.shape
         hs, src = dec.transformer(src, pos, tokens)
         iou_token_out = hs[:, 0, :]
@@ -168,6 +202,18 @@ class SamBackbone(nn.Module):
             logits = (hyper.unsqueeze(1) @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, 1, hu, wu)
         iou = dec.iou_prediction_head(iou_token_out)[:, :1]
         return logits, iou
+
+    def dense_positional_encoding(self) -> torch.Tensor:
+        """The prompt encoder's ``get_dense_pe()`` (1 x 256 x 64 x 64), channels-last, computed again only
+        when its random Gaussian matrix (a buffer, never trained) changes or moves: it is the same for
+        every pass, and its sines and cosines cost about 2 ms of a 45 ms CPU pass."""
+        gauss = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        key = (gauss.device, gauss.data_ptr(), gauss._version)
+        if self._dense_pe is None or self._dense_pe[0] != key:
+            with torch.no_grad():
+                pe = self.prompt_encoder.get_dense_pe().contiguous(memory_format=torch.channels_last)
+            self._dense_pe = (key, pe)
+        return self._dense_pe[1]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The tensors SAM-SP trains: prompt encoder, mask decoder and any LoRA weights."""
