@@ -162,6 +162,31 @@ def test_fast_path_agrees_with_fp32_on_the_ct_series(ct, fast):
     assert float((got - ref).norm() / ref.norm()) < 0.03  # bf16 matmuls, fp32 convolutions: about 1%
 
 
+def test_a_checkpoints_fp32_stages_run_in_fp32_on_the_fast_path(ct, fast):
+    """A checkpoint whose metadata names ``encoder_fp32_stages`` (left-atrium-mr: stage 2) gets a fast encoder
+    that runs those stages in fp32: its embedding of a real slice is closer to the fp32 module's, and the shipped
+    left-atrium checkpoint asks for it."""
+    if fast.precision == "fp32":
+        pytest.skip("this CPU has no native bf16: the fast path is the fp32 path")
+    from SAMSelfPromptLib.core.orientation import SliceStack
+    from SAMSelfPromptLib.core.preprocess import normalize_slice, to_model_input
+    from SAMSelfPromptLib.weights.catalogue import find_target
+    from SAMSelfPromptLib.weights.checkpoint import read_samsp
+
+    volume, _ = ct
+    stage2 = Segmenter(fast.model, "cpu", {**fast.metadata, "encoder_fp32_stages": [2]})
+    stack = SliceStack.of(volume, 0)
+    x = to_model_input(normalize_slice(stack.pixels[10], fast.intensity_for(volume, SegmentOptions())), 256)[0][None]
+    with torch.no_grad():
+        ref = fast.model.encode(x)
+        error = {name: float((seg._encoder(1)(x) - ref).norm() / ref.norm()) for name, seg in
+                 (("all bf16", fast), ("stage 2 fp32", stage2))}
+    assert error["stage 2 fp32"] < 0.75 * error["all bf16"], error
+    assert read_samsp(find_target("left-atrium-mr").path)["metadata"]["encoder_fp32_stages"] == [2]
+    with pytest.raises(ValueError, match="stage 7"):
+        Segmenter(fast.model, "cpu", {"encoder_fp32_stages": [7]})._folded_encoder()
+
+
 def test_borderline_first_passes_are_decided_from_fp32_embeddings(ct, fast, monkeypatch):
     """With every slice counted as borderline, the bf16 Segmenter re-encodes each in fp32 and paints
     exactly what the fp32 one paints; the exact embeddings stay cached, so a re-run encodes nothing."""

@@ -3,26 +3,14 @@ issue's 5% (session 8: 0.05, 8 of 176 atrium-free slices painted; 3D Dice 0.811 
 10 of 176 are painted). Val is used for this selection only. Tensors untouched; the summary JSON's threshold,
 note and sha256 follow the checkpoint. Then record the val rows:
 ``samselfprompt evaluate --target left-atrium-mr --whole-split --json la_val.json --write-summary``."""
-import json
 from pathlib import Path
 
-import torch
-from SAMSelfPromptLib.io.files import atomic_write, sha256_of
-from SAMSelfPromptLib.weights.checkpoint import read_samsp
+from checkpoint_metadata import set_metadata
 
 THRESHOLD = 0.05
 NOTE = ("0.05: the lowest threshold whose false-positive rate on all 6 val volumes is at most 5% (8/176 = 4.5%; "
         "3D Dice 0.811, against 0.814 and 10/176 = 5.7% at 0.0, the trainer's choice); session 8")
 
 path = Path("SAMSelfPrompt/SAMSelfPromptLib/weights/samsp_la_litemedsam.pt")
-payload = read_samsp(path)
-payload["metadata"]["presence_threshold"] = THRESHOLD
-payload["metadata"]["presence_threshold_note"] = NOTE
-atomic_write(path, lambda tmp: torch.save(payload, tmp), overwrite=True)
-
-summary_path = path.with_suffix(".json")
-summary = json.loads(summary_path.read_text())
-summary.update(presence_threshold=THRESHOLD, presence_threshold_note=NOTE, sha256=sha256_of(path))
-text = json.dumps(summary, indent=1) + "\n"
-atomic_write(summary_path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
-print("ok", read_samsp(path)["metadata"]["presence_threshold"], summary["sha256"])
+metadata = set_metadata(path, {"presence_threshold": THRESHOLD, "presence_threshold_note": NOTE})
+print("ok", metadata["presence_threshold"])

@@ -291,9 +291,11 @@ class Segmenter:
     def _folded_encoder(self) -> Callable[..., torch.Tensor]:
         """The folded copy of the encoder (modeling/fast_encoder.py), built once: no tracing, it pays
         from the first slice. Called with a precision ("fp32" for the exact re-encodes) or without
-        (this Segmenter's)."""
+        (this Segmenter's). A checkpoint's ``encoder_fp32_stages`` stay fp32 in it: the stages whose
+        bf16 rounding moved its masks' edges more than the 0.995 agreement with fp32 allows."""
         if self._fast_encode is None:
-            self._fast_encode = fast_encoder(self.model, self.precision)
+            stages = [int(i) for i in self.metadata.get("encoder_fp32_stages", ())]
+            self._fast_encode = fast_encoder(self.model, self.precision, stages)
         return self._fast_encode
 
     # --- intensity and inputs -------------------------------------------------------------

@@ -21,6 +21,10 @@ autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
 - **Window attention runs a few windows at a time** (``WindowChunkedAttention``): the same values,
   and the encoder's peak of live tensors falls from 80 to 59 MB a slice (it was in the second
   stage's attention over 361 windows), at the same speed.
+- **A checkpoint may keep whole stages in fp32** (``fp32_stages``). Most of the bf16 error builds
+  up in stage 2's six blocks: keeping that stage in fp32 took a left-atrium MR slice's embedding
+  error from 1.7% to 0.9% (relative L2) for about 13% more time per slice (interleaved runs), and the
+  left-atrium masks' agreement with the naive fp32 path from 0.9937 to 0.997 (docs/RESULTS.md, Speed).
 
 The mask decoder stays fp32 (it is not under autocast). Nothing needs tracing or compiling:
 the copy is built in milliseconds, so it pays from the first slice (the fp32 TorchScript
@@ -32,7 +36,7 @@ The copy is a snapshot of the encoder's weights: build it within one inference j
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -262,9 +266,21 @@ def fuse_blocks(module: nn.Module) -> int:
     return n
 
 
-def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = True) -> nn.Module:
+def keep_stages_fp32(encoder: nn.Module, stages: Sequence[int]) -> None:
+    """Run TinyViT stages ``stages`` (indices into ``encoder.layers``) in fp32 under any autocast, in place."""
+    layers = getattr(encoder, "layers", None)
+    for i in stages:
+        if layers is None or not 0 <= i < len(layers):
+            have = 0 if layers is None else len(layers)
+            raise ValueError(f"encoder_fp32_stages names stage {i}, but this encoder has {have} stages")
+        if not isinstance(layers[i], Float32):
+            layers[i] = Float32(layers[i])
+
+
+def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = True,
+                      fp32_stages: Sequence[int] = ()) -> nn.Module:
     """An eval copy of ``model.image_encoder``: Conv+BN folded, MBConv and PatchMerging fused, convs kept
-    fp32, channels-last."""
+    fp32, the stages ``fp32_stages`` wholly fp32, channels-last."""
     enc = copy.deepcopy(model.image_encoder).eval()
     with torch.no_grad():
         fold_conv_bn(enc)
@@ -273,20 +289,25 @@ def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = 
     if fp32_convs:
         keep_convs_fp32(enc)
     chunk_window_attention(enc)
+    keep_stages_fp32(enc, fp32_stages)
     enc = enc.to(memory_format=torch.channels_last)
     for p in enc.parameters():
         p.requires_grad_(False)
     return enc
 
 
-def fast_encoder(model: SamBackbone, precision: str) -> Callable[..., torch.Tensor]:
+def fast_encoder(model: SamBackbone, precision: str, fp32_stages: Sequence[int] = ()) -> Callable[..., torch.Tensor]:
     """images B x 3 x S x S in [0, 1] -> B x 256 x 64 x 64 at ``precision`` (its own autocast inside).
+
+    ``fp32_stages``: TinyViT stages kept in fp32 at every precision, for a checkpoint whose masks need
+    more of fp32's accuracy than the all-bf16 stages give (its metadata's ``encoder_fp32_stages``,
+    core/predictor.Segmenter).
 
     ``encode(images, "fp32")`` runs the same folded copy without autocast: fp32 throughout, within
     rounding of the module (folding BatchNorm reorders a few fp32 operations), at the banded blocks'
     peak. The module itself holds its 256 x 256 x 256 fp32 intermediates whole: encoding one slice
     with it peaked 385 MB above the loaded model, against 166 MB for this copy."""
-    enc = inference_encoder(model)
+    enc = inference_encoder(model, fp32_stages=fp32_stages)
     device = model.device
 
     def encode(images: torch.Tensor, precision: str = precision) -> torch.Tensor:
