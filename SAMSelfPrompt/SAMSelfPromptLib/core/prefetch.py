@@ -12,7 +12,7 @@ op, so OpenMP gives that thread a team of its own. With more OpenMP threads in t
 cores, libgomp cuts the time its idle threads spin-wait for work from about 3 ms to almost
 nothing, and every one of the encoder's hundreds of small parallel ops then pays for waking
 sleeping threads. Measured on the 2-core CPU, 12 phantom slices end to end: 0.56-0.59 s per slice
-with the preparation on the calling thread, 0.67-0.73 s with the helper (docs/RESULTS.md, Speed).
+with the preparation on the calling thread, 0.67-0.72 s with the helper (docs/RESULTS.md, Speed).
 So ``ahead=0`` prepares each item on the calling thread, in turn, and starts no thread; the
 Segmenter asks for that on the CPU.
 
