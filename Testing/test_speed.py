@@ -187,6 +187,41 @@ def test_a_checkpoints_fp32_stages_run_in_fp32_on_the_fast_path(ct, fast):
         Segmenter(fast.model, "cpu", {"encoder_fp32_stages": [7]})._folded_encoder()
 
 
+def test_a_gpu_encodes_with_the_cpu_fast_paths_arithmetic(ct, fast):
+    """At reduced precision a CUDA GPU runs the folded copy too, unfused (oneDNN's fused blocks are the CPU's):
+    convolutions and a checkpoint's ``encoder_fp32_stages`` in fp32, where autocasting the module would put them
+    in bf16. Built here as the GPU builds it (no GPU in CI) and run under the CPU's bf16: the stage sees fp32, and
+    the embedding is far closer to fp32 than the autocast module's."""
+    from SAMSelfPromptLib.modeling.fast_encoder import runs_folded_copy
+
+    assert runs_folded_copy(torch.device("cuda"), "bf16") and runs_folded_copy(torch.device("cuda"), "fp16")
+    assert runs_folded_copy(torch.device("cpu"), "bf16")
+    assert not runs_folded_copy(torch.device("cuda"), "fp32") and not runs_folded_copy(torch.device("mps"), "fp16")
+    if fast.precision == "fp32":
+        pytest.skip("this CPU has no native bf16")
+    from SAMSelfPromptLib.core.orientation import SliceStack
+    from SAMSelfPromptLib.core.preprocess import normalize_slice, to_model_input
+    from SAMSelfPromptLib.modeling.backbones import autocast_for
+    from SAMSelfPromptLib.modeling.fast_encoder import Float32, FusedMBConv, fast_encoder
+
+    volume, _ = ct
+    x = to_model_input(normalize_slice(SliceStack.of(volume, 0).pixels[10],
+                                       fast.intensity_for(volume, SegmentOptions())), 256)[0][None]
+    encode = fast_encoder(fast.model, "bf16", [2], fuse=False)
+    stage = encode.module.layers[2]
+    seen = []
+    stage.module.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.no_grad():
+        ref = fast.model.encode(x)
+        kept = encode(x)
+        with autocast_for(torch.device("cpu"), "bf16"):
+            module = fast.model.encode(x).float()
+    assert isinstance(stage, Float32) and seen == [(torch.float32, torch.float32)]
+    assert not any(isinstance(m, FusedMBConv) for m in encode.module.modules())
+    assert not isinstance(fast.model.image_encoder.layers[2], Float32)  # the model itself is untouched
+    assert float((kept - ref).norm()) < 0.5 * float((module - ref).norm())
+
+
 def test_borderline_first_passes_are_decided_from_fp32_embeddings(ct, fast, monkeypatch):
     """With every slice counted as borderline, the bf16 Segmenter re-encodes each in fp32 and paints
     exactly what the fp32 one paints; the exact embeddings stay cached, so a re-run encodes nothing."""

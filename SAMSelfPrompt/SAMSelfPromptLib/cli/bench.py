@@ -38,6 +38,7 @@ from ..core.masks import dice
 from ..core.predictor import Segmenter, SegmentOptions, segment_volume
 from ..core.volume import Volume
 from ..modeling.backbones import autocast_for, pick_device
+from ..modeling.fast_encoder import runs_folded_copy
 
 
 def _sync(device: torch.device) -> None:
@@ -333,8 +334,8 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None
     else:
         low = torch.bfloat16 if seg.precision == "bf16" else torch.float16
         peak_fast, fast_dtype = matmul_peak(device, low)
-        # The fast CPU encoder keeps its convolutions in fp32 (modeling/fast_encoder.py).
-        floor_s = conv_flops / peak32 + (flops - conv_flops) / peak_fast if device.type == "cpu" \
+        # The fast encoder keeps its convolutions in fp32 (modeling/fast_encoder.py).
+        floor_s = conv_flops / peak32 + (flops - conv_flops) / peak_fast if runs_folded_copy(device, seg.precision) \
             else flops / peak_fast
 
     # ct100: end to end through the job path, fast then naive, on the same file.

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import Cancelled, InputError, OutOfMemoryError
 from ..modeling.traced_encoder import encoder_for
-from ..modeling.fast_encoder import fast_encoder
+from ..modeling.fast_encoder import fast_encoder, runs_folded_copy
 from .volume import Volume, check_segmentable, finite_slice
 from ..modeling.backbones import SamBackbone, autocast_for, pick_device, resolve_precision
 from .preprocess import (Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, scale_window,
@@ -276,9 +276,11 @@ class Segmenter:
         return options
 
     def _encoder(self, n_slices: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The encoder for ``n_slices``: the folded bf16 copy on a bf16 CPU, else the (traced) module."""
-        if self.device.type == "cpu" and self.precision != "fp32":
-            return one_at_a_time(self._folded_encoder())
+        """The encoder for ``n_slices``: the folded copy at reduced precision on a CPU or a CUDA GPU
+        (``runs_folded_copy`` says why), else the (traced) module."""
+        if runs_folded_copy(self.device, self.precision):
+            encode = self._folded_encoder()
+            return one_at_a_time(encode) if self.device.type == "cpu" else encode
         if self._traced_encode is None and self.trace_encoder:
             encode = encoder_for(self.model, n_slices)
             if encode != self.model.encode:
@@ -294,9 +296,13 @@ class Segmenter:
         (this Segmenter's). A checkpoint's ``encoder_fp32_stages`` stay fp32 in it: the stages whose
         bf16 rounding moved its masks' edges more than the 0.995 agreement with fp32 allows."""
         if self._fast_encode is None:
-            stages = [int(i) for i in self.metadata.get("encoder_fp32_stages", ())]
-            self._fast_encode = fast_encoder(self.model, self.precision, stages)
+            self._fast_encode = fast_encoder(self.model, self.precision, self.encoder_fp32_stages)
         return self._fast_encode
+
+    @property
+    def encoder_fp32_stages(self) -> list[int]:
+        """The encoder stages the checkpoint keeps in fp32 at every precision (its metadata)."""
+        return [int(i) for i in self.metadata.get("encoder_fp32_stages", ())]
 
     # --- intensity and inputs -------------------------------------------------------------
     def intensity_for(self, volume: Volume, options: SegmentOptions) -> Intensity:

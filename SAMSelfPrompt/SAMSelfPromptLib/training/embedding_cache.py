@@ -30,7 +30,7 @@ from ..errors import Cancelled
 from ..io.files import atomic_write, cache_dir
 from ..modeling.traced_encoder import encoder_for
 from ..modeling.backbones import SamBackbone, resolve_precision
-from ..modeling.fast_encoder import fast_encoder
+from ..modeling.fast_encoder import fast_encoder, runs_folded_copy
 from ..core.preprocess import Frame, normalize_slice, to_model_input
 from .data import Sample
 
@@ -173,9 +173,10 @@ class DiskEmbeddingCache:
 
     @staticmethod
     def _encoder(model: SamBackbone, n_images: int, trace: bool):
-        """Inference's encoder: the folded bf16 copy on a bf16 CPU, else fp32 (traced for long runs)."""
+        """Inference's encoder: the folded copy at reduced precision (a bf16 CPU, a CUDA GPU), else fp32 (traced
+        for long runs)."""
         precision = encoder_precision(model)
-        if model.device.type == "cpu" and precision != "fp32" and not model.image_encoder.training:
+        if runs_folded_copy(model.device, precision) and not model.image_encoder.training:
             return fast_encoder(model, precision)
         return encoder_for(model, n_images) if trace else model.encode
 
