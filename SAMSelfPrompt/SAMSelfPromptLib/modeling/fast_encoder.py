@@ -304,9 +304,10 @@ def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = 
 def runs_folded_copy(device: torch.device, precision: str) -> bool:
     """Whether inference encodes with ``fast_encoder`` here: at reduced precision on a CPU or a CUDA GPU.
 
-    A GPU too: autocasting the whole module puts the convolutions in bf16, and a left-atrium MR slice's embedding
-    was then 6.2% off fp32 against 1.7% for this copy (bf16 on the 2-core CPU; CT masks agreed with fp32 to
-    0.9946, below the 0.995 asked). Other devices (MPS) autocast the module."""
+    A GPU too: autocasting the whole module puts the convolutions in bf16. Emulated with the 2-core CPU's bf16, a
+    left-atrium MR slice's embedding was then 6.2% off fp32 against 1.7% for this copy, and that volume's masks
+    agreed with fp32 to 0.987 against 0.997 (0.995 is asked; docs/RESULTS.md, Speed, session 10). Other devices
+    (MPS) autocast the module."""
     return precision != "fp32" and device.type in ("cpu", "cuda")
 
 
