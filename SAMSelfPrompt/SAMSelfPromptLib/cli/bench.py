@@ -5,7 +5,7 @@ Measured, in this order:
 - the image encoder per slice, on the fast path (the precision every host runs by default:
   bf16 matmuls on CPUs with native bf16 and on GPUs) and on the naive fp32 path, and the
   FLOP-bound floor (the encoder's FLOPs over this machine's measured matmul peaks, fp32 for
-  the convolutions the fast CPU path keeps in fp32, bf16 for the rest);
+  the convolutions the fast path keeps in fp32 on CPUs and CUDA GPUs, bf16 for the rest);
 - one decoder pass, the SAM-SP pair and a click refinement on a cached embedding;
 - ``ct100``: an end-to-end Auto-segment of a 512 x 512 x N CT phantom (N = ``--slices``, 100 by
   default) as the Slicer module runs one, in a fresh process: read the file, then on a worker thread
