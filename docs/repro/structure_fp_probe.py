@@ -8,25 +8,10 @@ import sys
 from collections import defaultdict
 
 import numpy as np
-import torch
 
-from SAMSelfPromptLib.evaluation.evaluate import samsp_logits, to_masks
-from SAMSelfPromptLib.training.embedding_cache import DiskEmbeddingCache
-from SAMSelfPromptLib.training.targets import target_samples
-from SAMSelfPromptLib.weights.catalogue import find_target
-from SAMSelfPromptLib.weights.checkpoint import load_samsp
-from SAMSelfPromptLib.weights.targets import target_spec
+from val_predictions import val_predictions
 
-torch.set_num_threads(2)
-name = sys.argv[1]
-model, meta = load_samsp(find_target(name).path)
-samples = target_samples(target_spec(name), "../shared/data", "val", whole_split=True)
-emb, frames = DiskEmbeddingCache().embed(model, samples, progress=False)
-structures = torch.tensor([s.structure for s in samples], dtype=torch.long)
-with torch.no_grad():
-    logits = samsp_logits(model, emb, frames, structures=structures)
-y1, y0 = to_masks(logits["samsp"], frames), to_masks(logits["samsp_y0"], frames)
-presence = logits["presence"][:, 0].numpy()
+meta, samples, y1, y0, presence = val_predictions(sys.argv[1])
 threshold = meta.get("presence_threshold") or 0.0
 groups = defaultdict(list)  # (volume, structure) -> slices in order
 for i, s in enumerate(samples):
