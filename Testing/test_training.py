@@ -216,6 +216,70 @@ def _train_epochs(model, samples, cfg, work, cache, stop_after: int) -> None:
     assert (work / "last.pt").is_file()
 
 
+# --- the encoder's top stages trained with the decoder (cpu mode) ---------------------------------------
+
+def test_tinyvit_split_in_two_is_the_encoders_forward(lite_model):
+    from SAMSelfPromptLib.modeling.backbones import tinyvit_tokens, tinyvit_top
+
+    x = lite_model.normalize(torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))
+    enc = lite_model.image_encoder
+    with torch.no_grad():
+        tokens = tinyvit_tokens(enc, x, 3)
+        assert tokens.shape == (1, 4096, 320)
+        torch.testing.assert_close(tinyvit_top(enc, tokens, 3), enc(x), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_fingerprint_follows_in_place_changes(lite_model):
+    from SAMSelfPromptLib.training.embedding_cache import encoder_fingerprint
+
+    model = copy.deepcopy(lite_model)
+    before = encoder_fingerprint(model)
+    assert encoder_fingerprint(model) == before  # cached while nothing changes
+    with torch.no_grad():
+        model.image_encoder.neck[0].weight.add_(1e-3)  # what an optimizer step does to a tuned stage
+    assert encoder_fingerprint(model) != before
+
+
+def test_training_the_encoders_top_stage_saves_loads_and_runs_it(lite_model, tmp_path):
+    """encoder_from_stage=3: stage 3 and the neck train on cached stage-3 inputs, the earlier stages stay the
+    base model's, the checkpoint carries the tuned tensors, and a loaded model encodes with them."""
+    from SAMSelfPromptLib.training.api import train_samples
+    from SAMSelfPromptLib.weights.checkpoint import load_samsp
+
+    imgs, masks = _disk_images(4)
+    samples = array_samples(imgs, masks, Intensity("generic"))
+    cache = DiskEmbeddingCache(tmp_path / "cache")
+    cfg = TrainConfig(epochs=2, batch_size=2, lr=1e-3, warmup_steps=1, val_from=1, encoder_from_stage=3,
+                      encoder_lr=1e-3)
+    with pytest.raises(ValueError, match="cpu mode"):
+        train(copy.deepcopy(lite_model), samples, None, TrainConfig(mode="paper", encoder_from_stage=3),
+              cache=cache, progress=False, log=lambda _: None)
+    result, meta = train_samples(samples, samples[:2], tmp_path / "m.pt", cfg, copy.deepcopy(lite_model),
+                                 cache=cache, progress=False, log=lambda _: None)
+    shapes = [tuple(torch.load(f, weights_only=True).shape) for f in (tmp_path / "cache").rglob("*.pt")]
+    assert shapes.count((4096, 320)) == 4  # what stage 3 receives, once per image: training's inputs
+    assert (256, 64, 64) in shapes  # the inference encoder's embeddings of val, scored after training
+    base, tuned = lite_model.state_dict(), result.model.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert any(k.startswith("image_encoder.layers.3.") for k in changed)
+    assert any(k.startswith("image_encoder.neck.") for k in changed)
+    assert not any(k.startswith(("image_encoder.patch_embed.", "image_encoder.layers.2.")) for k in changed)
+    assert meta["encoder_tuned_from"] == 3
+    assert {"score", "presence_threshold"} <= set(meta["val_metrics"]) <= set(meta["val_metrics_training_path"])
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)["tensors"]
+    assert any(k.startswith("image_encoder.layers.3.") for k in raw)
+    assert not any(k.startswith("image_encoder.layers.2.") for k in raw)
+    loaded, _ = load_samsp(tmp_path / "m.pt")
+    assert set(loaded.trainable_state()) == set(result.model.trainable_state())  # saved again as trained
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got, vanilla = result.model.eval().encode(x), loaded.encode(x), lite_model.encode(x)
+    tol = 0.02 if meta["fp16"] else 1e-5
+    assert (got - want).norm() <= tol * want.norm()
+    assert (got - vanilla).norm() > 10 * (got - want).norm()  # the tuned stages, not the base model's
+    assert cache_key(samples[0], loaded) != cache_key(samples[0], lite_model)
+
+
 # --- checkpoints ------------------------------------------------------------------------------------
 
 def test_checkpoint_round_trip_with_lora(lite_model, tmp_path):

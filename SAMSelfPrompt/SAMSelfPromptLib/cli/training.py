@@ -64,6 +64,11 @@ def register(subparsers) -> None:
                    help="click training: up to N simulated click rounds per step (cpu mode), joint with SAM-SP")
     t.add_argument("--click-weight", type=float, default=1.0, help="weight of the click-round Dice loss")
     t.add_argument("--lora-rank", type=int, default=4)
+    t.add_argument("--encoder-from-stage", type=int, default=None, metavar="K",
+                   help="cpu mode: also train LiteMedSAM's TinyViT stages K.. (1-3) and its neck with the decoder, on "
+                        "cached inputs of stage K (default 0: the encoder frozen; a target's recipe may set it)")
+    t.add_argument("--encoder-lr", type=float, default=None,
+                   help="learning rate of those encoder stages (default 5e-5, or the recipe's)")
     t.add_argument("--init", help="start from this SAM-SP checkpoint instead of vanilla LiteMedSAM")
     t.add_argument("--work-dir", help="log.jsonl and last.pt for --resume (default: OUT minus .pt + '_work')")
     t.add_argument("--resume", action="store_true")
@@ -161,7 +166,9 @@ def run_train(args) -> int:
                          lr=args.lr or TrainConfig.lr, alpha=args.alpha,
                          box_jitter=args.box_jitter, flip=args.flip, objective=args.objective, seed=args.seed,
                          lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank),
-                         click_rounds=args.click_rounds, click_weight=args.click_weight, val_from=args.val_from)
+                         click_rounds=args.click_rounds, click_weight=args.click_weight, val_from=args.val_from,
+                         encoder_from_stage=args.encoder_from_stage or 0,
+                         encoder_lr=args.encoder_lr or TrainConfig.encoder_lr)
     t0 = time.time()
     if args.fewshot_slices is not None:
         from ..training.fewshot import fewshot_command
@@ -224,6 +231,10 @@ def _train_target(args, config, t0: float) -> int:
         config = replace(config, lr=float(spec.recipe["lr"]))
     if spec.recipe.get("y0_weight"):
         config = replace(config, y0_weight=float(spec.recipe["y0_weight"]))
+    if args.encoder_from_stage is None and spec.recipe.get("encoder_from_stage"):
+        config = replace(config, encoder_from_stage=int(spec.recipe["encoder_from_stage"]))
+    if args.encoder_lr is None and spec.recipe.get("encoder_lr"):
+        config = replace(config, encoder_lr=float(spec.recipe["encoder_lr"]))
     if args.init is None and spec.recipe.get("init"):  # a shipped SAM-SP start: its pass 1 already finds objects
         from ..weights.catalogue import WEIGHTS_DIR
 

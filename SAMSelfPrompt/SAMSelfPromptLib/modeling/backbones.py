@@ -215,13 +215,33 @@ class SamBackbone(nn.Module):
             self._dense_pe = (key, pe)
         return self._dense_pe[1]
 
+    # The first TinyViT stage that was trained with the decoder ("top" tuning in cpu mode: that stage on and
+    # the neck, training/trainer.py); None while the encoder is the base model's (or LoRA-tuned).
+    encoder_tuned_from: int | None = None
+
+    def tune_encoder_from(self, stage: int) -> None:
+        """Mark TinyViT stages ``stage``.. and the neck as trained with the decoder (saved in checkpoints)."""
+        layers = getattr(self.image_encoder, "layers", None)
+        if layers is None or not hasattr(self.image_encoder, "neck"):
+            raise ValueError(f"training the encoder's last stages needs a TinyViT encoder (LiteMedSAM), "
+                             f"not {self.spec.model_id}'s")
+        if not 1 <= stage < len(layers):
+            raise ValueError(f"encoder stage {stage} is not one of this TinyViT's stages 1-{len(layers) - 1}")
+        self.encoder_tuned_from = int(stage)
+
+    def is_trained_tensor(self, name: str) -> bool:
+        """Whether SAM-SP trains (and a checkpoint stores) the tensor ``name``: prompt encoder, mask decoder,
+        structure embeddings, any LoRA weights, and the encoder's tuned top stages."""
+        if name.startswith(("prompt_encoder.", "mask_decoder.", "structure_embed")) or "lora_" in name:
+            return True
+        if self.encoder_tuned_from is None:
+            return False
+        top = tuple(f"image_encoder.layers.{i}." for i in range(self.encoder_tuned_from, len(self.image_encoder.layers)))
+        return name.startswith((*top, "image_encoder.neck."))
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The tensors SAM-SP trains: prompt encoder, mask decoder and any LoRA weights."""
-        return {
-            k: v
-            for k, v in self.state_dict().items()
-            if k.startswith(("prompt_encoder.", "mask_decoder.", "structure_embed")) or "lora_" in k
-        }
+        """The tensors SAM-SP trains (``is_trained_tensor``)."""
+        return {k: v for k, v in self.state_dict().items() if self.is_trained_tensor(k)}
 
 
 # --- encoders -----------------------------------------------------------------------------
@@ -236,6 +256,25 @@ def _tinyvit_encoder() -> nn.Module:
         drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
         layer_lr_decay=0.8,
     )
+
+
+def tinyvit_tokens(encoder: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
+    """TinyViT up to ``stage`` (exclusive): normalised B x 3 x S x S images -> what stage ``stage`` receives
+    (B x 4096 x C tokens). With ``tinyvit_top`` it is the encoder's own forward, split in two."""
+    x = encoder.patch_embed(x)
+    for layer in encoder.layers[:stage]:
+        x = layer(x)
+    return x
+
+
+def tinyvit_top(encoder: nn.Module, tokens: torch.Tensor, stage: int) -> torch.Tensor:
+    """TinyViT from ``stage`` on, then the neck: B x 4096 x C tokens -> B x 256 x 64 x 64 embeddings."""
+    x = tokens
+    for layer in encoder.layers[stage:]:
+        x = layer(x)
+    b, n, c = x.shape
+    side = int(round(n ** 0.5))
+    return encoder.neck(x.view(b, side, side, c).permute(0, 3, 1, 2))
 
 
 def _vit_encoder(embed_dim: int, depth: int, num_heads: int, global_attn: list[int]) -> Callable[[], nn.Module]:

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import SamBackbone, autocast_for
+from .backbones import SamBackbone, autocast_for, tinyvit_tokens
 
 
 def fold_conv_bn(module: nn.Module) -> int:
@@ -312,7 +312,7 @@ def runs_folded_copy(device: torch.device, precision: str) -> bool:
 
 
 def fast_encoder(model: SamBackbone, precision: str, fp32_stages: Sequence[int] = (),
-                 fuse: bool = True) -> Callable[..., torch.Tensor]:
+                 fuse: bool = True, stop_before_stage: int | None = None) -> Callable[..., torch.Tensor]:
     """images B x 3 x S x S in [0, 1] -> B x 256 x 64 x 64 at ``precision`` (its own autocast inside).
 
     On a GPU (or with ``fuse`` False) the same arithmetic without oneDNN's fused blocks (``runs_folded_copy``).
@@ -324,9 +324,13 @@ def fast_encoder(model: SamBackbone, precision: str, fp32_stages: Sequence[int] 
     ``encode(images, "fp32")`` runs the same folded copy without autocast: fp32 throughout, within
     rounding of the module (folding BatchNorm reorders a few fp32 operations), at the banded blocks'
     peak. The module itself holds its 256 x 256 x 256 fp32 intermediates whole: encoding one slice
-    with it peaked 385 MB above the loaded model, against 166 MB for this copy."""
+    with it peaked 385 MB above the loaded model, against 166 MB for this copy.
+
+    ``stop_before_stage`` k: return what TinyViT stage k receives (B x 4096 x C tokens) instead of the
+    embedding, for training stages k.. with the decoder on cached tokens (training/trainer.py)."""
     enc = inference_encoder(model, fuse=fuse, fp32_stages=fp32_stages)
     device = model.device
+    run = enc if stop_before_stage is None else (lambda x: tinyvit_tokens(enc, x, stop_before_stage))
 
     def encode(images: torch.Tensor, precision: str = precision) -> torch.Tensor:
         x = model.normalize(images).contiguous(memory_format=torch.channels_last)
@@ -336,8 +340,8 @@ def fast_encoder(model: SamBackbone, precision: str, fp32_stages: Sequence[int] 
         # about 0.5 GB more activations at its peak.
         with torch.no_grad(), autocast_for(device, precision):
             if device.type == "cpu":
-                return torch.cat([enc(x[i:i + 1]).float() for i in range(len(x))]).contiguous()
-            return enc(x).float().contiguous()
+                return torch.cat([run(x[i:i + 1]).float() for i in range(len(x))]).contiguous()
+            return run(x).float().contiguous()
 
     encode.module = enc  # what it runs, for a look inside
     return encode

@@ -225,10 +225,10 @@ class _MemoryCache(DiskEmbeddingCache):
         self._by_id = {id(s): int(s.case_id.split(":")[1]) for s in samples}
         self._emb = emb
 
-    def embed(self, model, samples, batch_size=4, progress=False, desc="", trace=True, cancel=None):
-        out = [self._emb(self._by_id[id(s)]) if id(s) in self._by_id else None for s in samples]
+    def embed(self, model, samples, batch_size=4, progress=False, desc="", trace=True, cancel=None, stage=None):
+        out = [self._emb(self._by_id[id(s)]) if id(s) in self._by_id and stage is None else None for s in samples]
         if any(o is None for o in out):
-            return super().embed(model, samples, batch_size, progress, desc, trace, cancel)
+            return super().embed(model, samples, batch_size, progress, desc, trace, cancel, stage)
         return torch.stack([o[0] for o in out]), [o[1] for o in out]  # type: ignore[index]
 
 

@@ -84,10 +84,16 @@ def train_samples(
                           progress=progress, log=log, trace=trace, cancel=cancel)
     use_half = half == "yes"
     half_check = None
+    val_metrics = result.best_val
+    if val and config.mode == "cpu" and config.encoder_from_stage:
+        # Selection scored the training step's top stages (module under autocast) on cached tokens; what
+        # Auto-segment runs is the inference encoder's folded copy of the tuned weights. Score that, and keep
+        # its presence threshold.
+        val_metrics = _val_dice_with(result.model, result.model.trainable_state(), val, cache, trace, cancel)
     if half == "auto" and val and config.mode == "cpu":
         state16 = {k: v.half().float() for k, v in result.model.trainable_state().items()}
         half_check = _val_dice_with(result.model, state16, val, cache, trace, cancel)
-        use_half = abs(half_check["score"] - result.best_val["score"]) <= HALF_TOLERANCE
+        use_half = abs(half_check["score"] - val_metrics["score"]) <= HALF_TOLERANCE
     meta: dict[str, Any] = {
         "modality": intensity.modality,
         "intensity": intensity.to_dict(),
@@ -102,7 +108,7 @@ def train_samples(
         if config.objective == "samsp" else "Dice(y0, y) only (no self-prompt ablation)",
         "data": data_summary or {"n_train": len(train), "n_val": len(val or [])},
         "best_epoch": result.best_epoch,
-        "val_metrics": result.best_val,
+        "val_metrics": val_metrics,
         "history": result.history,
         "train_seconds": round(result.seconds, 1),
         "fp16": use_half,
@@ -111,13 +117,16 @@ def train_samples(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "empty_y0_fallback": "whole-image box",
         # Pass 1's predicted IoU below this means "structure absent" (selfprompt.absent), chosen on val.
-        "presence_threshold": float(result.best_val.get("presence_threshold", 0.0)),
+        "presence_threshold": float(val_metrics.get("presence_threshold", 0.0)),
         "negatives": {"n_train": sum(not s.has_label for s in train),
                       "loss": f"{config.negative_weight} * BCE toward 0 of the top 2% pass-1 logits",
                       "presence": f"{config.presence_weight} * MSE of pass 1's IoU head to its mask's IoU (0 if absent)"},
     }
     if result.model.n_structures > 1:
         meta["n_structures"] = result.model.n_structures
+    if result.model.encoder_tuned_from is not None:
+        meta["encoder_tuned_from"] = result.model.encoder_tuned_from
+        meta["val_metrics_training_path"] = result.best_val
     if config.mode == "paper":
         meta["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "target": "image_encoder qkv"}
     meta.update(extra_metadata or {})
@@ -185,7 +194,8 @@ def write_summary(checkpoint: str | Path, json_path: str | Path, extra: dict[str
     meta = read_samsp(checkpoint)["metadata"]
     keep = ("modality", "intensity", "intensity_note", "input_size", "base_model", "mode", "train_config", "optimizer",
             "loss", "best_epoch", "val_metrics", "train_seconds", "fp16", "git_commit", "created", "empty_y0_fallback",
-            "presence_threshold", "negatives", "n_structures", "target", "method")
+            "presence_threshold", "negatives", "n_structures", "target", "method", "encoder_tuned_from",
+            "val_metrics_training_path")
     summary = {k: meta.get(k) for k in keep}
     data = dict(meta.get("data", {}))
     data.pop("train_ids", None)

@@ -39,18 +39,27 @@ def default_cache_dir() -> Path:
     return cache_dir() / "embeddings"
 
 
+def _encoder_tensor_versions(model: SamBackbone) -> tuple:
+    """Changes whenever any encoder tensor is replaced or written in place (an optimizer step, a
+    load_state_dict): torch bumps a tensor's version counter on every in-place write."""
+    enc = model.image_encoder
+    return tuple((t.data_ptr(), t._version) for t in (*enc.parameters(), *enc.buffers()))
+
+
 def encoder_fingerprint(model: SamBackbone) -> str:
-    """sha256 over the image encoder's tensors (names, shapes, bytes); cached on the model."""
+    """sha256 over the image encoder's tensors (names, shapes, bytes); cached on the model until one of them
+    changes (training the encoder's top stages changes them between caching and the final embeddings)."""
+    versions = _encoder_tensor_versions(model)
     cached = getattr(model, "_encoder_fingerprint", None)
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == versions:
+        return cached[1]
     digest = hashlib.sha256()
     for name, tensor in sorted(model.image_encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     fp = digest.hexdigest()
-    object.__setattr__(model, "_encoder_fingerprint", fp)  # plain attribute, not a submodule
+    object.__setattr__(model, "_encoder_fingerprint", (versions, fp))  # plain attribute, not a submodule
     return fp
 
 
@@ -73,7 +82,8 @@ def encoder_precision(model: SamBackbone) -> str:
     return resolve_precision(model.device)
 
 
-def cache_key(sample: Sample, model: SamBackbone) -> str:
+def cache_key(sample: Sample, model: SamBackbone, stage: int | None = None) -> str:
+    """The entry of ``sample``'s embedding, or with ``stage`` k of what TinyViT stage k receives."""
     digest = hashlib.sha256()
     pixels = sample.image if sample.image.flags["C_CONTIGUOUS"] else sample.image.copy(order="C")
     digest.update(pixels.tobytes())
@@ -87,6 +97,8 @@ def cache_key(sample: Sample, model: SamBackbone) -> str:
         "model": model.spec.model_id,
         "encoder": encoder_fingerprint(model),
     }
+    if stage is not None:
+        params["tokens_before_stage"] = int(stage)
     precision = encoder_precision(model)
     if precision != "fp32":  # fp32 keys stay as they were, so existing caches keep their entries
         params["precision"] = precision
@@ -130,14 +142,18 @@ class DiskEmbeddingCache:
         desc: str = "embedding",
         trace: bool = True,
         cancel: threading.Event | None = None,
+        stage: int | None = None,
     ) -> tuple[torch.Tensor, list[Frame]]:
         """N x 256 x 64 x 64 fp16 embeddings (CPU) and the frames of ``samples``.
+
+        ``stage`` k: instead, N x 4096 x C fp16 tokens, what TinyViT stage k receives from the inference
+        encoder's earlier stages (training stages k.. with the decoder, ``TrainConfig.encoder_from_stage``).
 
         ``trace``: let ``encoder_for`` trace the CPU encoder for long runs (False: always the
         model's own ``encode``). ``cancel``: checked before every encoder batch (every image on
         the CPU); when set, ``errors.Cancelled`` is raised and what was encoded so far stays cached.
         """
-        keys = [cache_key(s, model) for s in samples]
+        keys = [cache_key(s, model, stage) for s in samples]
         frames: list[Frame] = []
         out: list[torch.Tensor | None] = []
         todo: list[int] = []
@@ -156,7 +172,10 @@ class DiskEmbeddingCache:
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc=desc, unit="img")
-        encode = self._encoder(model, len(todo), trace) if todo else model.encode
+        if stage is not None:
+            encode = fast_encoder(model, encoder_precision(model), stop_before_stage=stage)
+        else:
+            encode = self._encoder(model, len(todo), trace) if todo else model.encode
         step = 1 if model.device.type == "cpu" else batch_size
         for start in range(0, len(todo), step):
             check_cancel(cancel)

@@ -2,6 +2,8 @@
 
 cpu mode:   the image encoder is frozen; embeddings come from the on-disk cache, so an
             epoch costs only decoder passes. Prompt encoder + mask decoder are trained.
+            With ``encoder_from_stage`` K the encoder's TinyViT stages K.. and its neck train too, on
+            cached inputs of stage K (the earlier stages stay frozen and run once per image).
 paper mode: LoRA (rank 4) on the encoder's attention qkv, prompt encoder + mask decoder
             trained, the encoder runs every step (GPU), optionally data-parallel (DDP)
             when launched by torchrun.
@@ -32,7 +34,7 @@ import torch.nn as nn
 
 from ..core.masks import dice
 from ..evaluation.evaluate import full_boxes, samsp_logits, to_masks
-from ..modeling.backbones import SamBackbone, autocast_for
+from ..modeling.backbones import SamBackbone, autocast_for, tinyvit_top
 from ..core.preprocess import Frame, mask_to_low_res
 from ..core.selfprompt import box_from_logits
 from .data import Sample
@@ -80,6 +82,12 @@ class TrainConfig:
     # this weight, beside SAM-SP's KL (Adapt: few steps on few slices). The KL is a mean over all
     # pixels, so on a small structure it moves pass 1 off "empty" slowly; 0 keeps the plain SAM-SP loss.
     y0_weight: float = 0.0
+    # cpu mode: also train the encoder's TinyViT stages from this one on, and its neck (0: the encoder stays
+    # frozen). What the earlier stages hand that stage is cached once, as embeddings are, so an epoch costs
+    # those stages' forward and backward on top of the decoder's (BUSI: 3, about 4.5 min an epoch here
+    # against about 21 for LoRA on every stage). They train at ``encoder_lr``.
+    encoder_from_stage: int = 0
+    encoder_lr: float = 5e-5
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,17 +105,23 @@ class TrainResult:
 class SamSpStep(nn.Module):
     """Both SAM-SP passes as one forward, so DDP can wrap it (it syncs on forward/backward)."""
 
-    def __init__(self, model: SamBackbone, encode: bool):
+    def __init__(self, model: SamBackbone, encode: bool, top_from: int = 0):
         super().__init__()
         self.model = model
         self.encode = encode
+        self.top_from = top_from  # > 0: the inputs are the tokens TinyViT stage top_from receives
 
     def forward(self, x: torch.Tensor, fallback: torch.Tensor, jitter: torch.Tensor, limit: torch.Tensor,
                 single: bool = False, structure: torch.Tensor | None = None,
                 positive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """y0 and pass 1's presence score for the batch; y1 only for the ``positive`` images (all when
         None): on an image without the structure there is no box to learn from."""
-        emb = self.model.encode(x) if self.encode else x
+        if self.encode:
+            emb = self.model.encode(x)
+        elif self.top_from:
+            emb = tinyvit_top(self.model.image_encoder, x, self.top_from)
+        else:
+            emb = x
         y0, presence = self.model.decode(emb, structure=structure)
         if single:
             return y0, None, presence
@@ -162,14 +176,28 @@ def _add_click_loss(model: SamBackbone, emb: torch.Tensor, y0: torch.Tensor, y1:
 
 
 def mark_trainable(model: SamBackbone) -> list[nn.Parameter]:
-    """Prompt encoder, mask decoder and LoRA weights train; the rest of the encoder is frozen."""
+    """Prompt encoder, mask decoder, LoRA weights and any tuned top stages of the encoder train
+    (``SamBackbone.is_trained_tensor``); the rest of the encoder is frozen."""
     params = []
     for name, p in model.named_parameters():
-        train = name.startswith(("prompt_encoder.", "mask_decoder.", "structure_embed")) or "lora_" in name
+        train = model.is_trained_tensor(name)
         p.requires_grad_(train)
         if train:
             params.append(p)
     return params
+
+
+def optimizer_groups(model: SamBackbone, config: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable tensors (``mark_trainable``): the encoder's tuned top stages at ``encoder_lr``, the
+    rest (decoder, prompt encoder, LoRA) at ``lr``."""
+    top, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (top if name.startswith("image_encoder.") and "lora_" not in name else rest).append(p)
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": config.lr}]
+    if top:
+        groups.append({"params": top, "lr": config.encoder_lr})
+    return groups
 
 
 def _flip_valid(x: torch.Tensor, frame: Frame, dim: int, full: int) -> torch.Tensor:
@@ -185,11 +213,12 @@ class Batches:
     """Inputs for the loop: cached embeddings (cpu mode) or model inputs (paper mode), plus targets."""
 
     def __init__(self, samples: Sequence[Sample], model: SamBackbone, mode: str, cache: DiskEmbeddingCache | None,
-                 progress: bool, trace: bool = True, cancel: threading.Event | None = None):
+                 progress: bool, trace: bool = True, cancel: threading.Event | None = None, stage: int | None = None):
+        """``stage``: cpu mode's inputs are the tokens that TinyViT stage receives, not embeddings."""
         self.frames = [sample_frame(s, model.image_size) for s in samples]
         if mode == "cpu":
             self.inputs, _ = (cache or DiskEmbeddingCache()).embed(model, samples, progress=progress, desc="caching embeddings",
-                                                                   trace=trace, cancel=cancel)
+                                                                   trace=trace, cancel=cancel, stage=stage)
         else:
             self.inputs = torch.stack([model_input(s, model.image_size)[0] for s in samples]).to(torch.float16)
         self.targets = torch.stack([mask_to_low_res(s.mask, f) for s, f in zip(samples, self.frames)])
@@ -282,6 +311,18 @@ def evaluate_val(model: SamBackbone, samples: Sequence[Sample], emb: torch.Tenso
     return best
 
 
+@torch.no_grad()
+def top_embeddings(model: SamBackbone, tokens: torch.Tensor, stage: int, batch: int = 8) -> torch.Tensor:
+    """Embeddings from cached stage-``stage`` tokens through the model's (training) top stages and neck, under
+    the training step's autocast. Model selection scores these; the saved model is then scored again on the
+    inference encoder's own embeddings (training/api.py)."""
+    out = []
+    for i in range(0, len(tokens), batch):
+        with training_autocast(model.device):
+            out.append(tinyvit_top(model.image_encoder, tokens[i:i + batch].float().to(model.device), stage).float().cpu())
+    return torch.cat(out)
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -322,29 +363,40 @@ def train(
         raise ValueError(f"unknown training mode '{config.mode}' (cpu or paper)")
     if config.click_rounds and (config.mode != "cpu" or world > 1 or config.objective != "samsp"):
         raise ValueError("click training runs in single-process cpu mode with the samsp objective")
+    top_from = config.encoder_from_stage or None
+    if top_from is not None:
+        if config.mode != "cpu" or config.click_rounds or config.flip:
+            raise ValueError("training the encoder's top stages (encoder_from_stage) runs in cpu mode, "
+                             "without click rounds or flipped embeddings")
+        model.tune_encoder_from(top_from)
     if config.batch_size % world:
         raise ValueError(f"batch size {config.batch_size} must be divisible by the {world} processes")
     device = model.device
     model.eval()  # BatchNorm in the encoder keeps its statistics (LoRA tunes weights, not stats)
-    params = mark_trainable(model)
+    mark_trainable(model)
     cache = cache or DiskEmbeddingCache()
     if config.mode == "cpu":  # fill the cache in one pass, so a long run traces the encoder only once
         cache.embed(model, [*train_samples, *(val_samples or [])], progress=progress and rank == 0,
-                    desc="caching embeddings", trace=trace, cancel=cancel)
-    data = Batches(train_samples, model, config.mode, cache, progress and rank == 0, trace=trace, cancel=cancel)
-    val_emb = val_frames = None
+                    desc="caching embeddings" if top_from is None else f"caching stage-{top_from} inputs",
+                    trace=trace, cancel=cancel, stage=top_from)
+    data = Batches(train_samples, model, config.mode, cache, progress and rank == 0, trace=trace, cancel=cancel,
+                   stage=top_from)
+    val_emb = val_frames = val_tokens = None
     if val_samples and config.mode == "cpu":
-        val_emb, val_frames = cache.embed(model, val_samples, trace=trace, cancel=cancel)
-    step_module: nn.Module = SamSpStep(model, encode=config.mode == "paper")
+        val_emb, val_frames = cache.embed(model, val_samples, trace=trace, cancel=cancel, stage=top_from)
+        if top_from is not None:  # the tuned stages change every step: val embeddings are made per val pass
+            val_tokens, val_emb = val_emb, None
+    step_module: nn.Module = SamSpStep(model, encode=config.mode == "paper", top_from=top_from or 0)
     if world > 1:
         # Unused: point embeddings, the 3 multimask heads, the IoU head. Without this flag their
         # buckets never reduce and the others' gradients stay local (silently wrong).
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    groups = optimizer_groups(model, config)
     if config.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+        opt = torch.optim.SGD(groups, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     n = len(train_samples)
     steps_per_epoch = max(1, n // config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -427,6 +479,8 @@ def train(
                                                                    for s in val_samples[i:i + 8]]).to(device)).float().cpu()
                                          for i in range(0, len(val_samples), 8)])
                 val_frames = [sample_frame(s, model.image_size) for s in val_samples]
+            elif val_tokens is not None:
+                val_emb = top_embeddings(model, val_tokens, top_from)
             val = evaluate_val(model, val_samples, val_emb, val_frames)
             entry["val"] = val
             if val["score"] > best["val"].get("score", -1.0):

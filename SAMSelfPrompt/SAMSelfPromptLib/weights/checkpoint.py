@@ -1,7 +1,8 @@
 """Weights on disk: the bundled LiteMedSAM check and the SAM-SP checkpoint format.
 
 A SAM-SP checkpoint stores the id of its base model plus only the tensors SAM-SP
-trains (prompt encoder, mask decoder, LoRA), and a metadata dict (modality,
+trains (prompt encoder, mask decoder, LoRA, and the encoder's top stages when cpu mode trained them:
+metadata ``encoder_tuned_from``), and a metadata dict (modality,
 intensity window, input size, training data summary, metrics). Everything in it is
 a tensor, str, number, bool, list or dict, so it loads with ``weights_only=True``.
 """
@@ -71,6 +72,8 @@ def load_samsp(path: str | Path, base_weights: str | Path | None = None) -> tupl
         from ..modeling.lora import add_lora
 
         add_lora(model, rank=int(lora["rank"]), alpha=float(lora.get("alpha", lora["rank"])))
+    if meta.get("encoder_tuned_from") is not None:  # TinyViT's top stages trained with the decoder (cpu mode)
+        model.tune_encoder_from(int(meta["encoder_tuned_from"]))
     if meta.get("method") == "promise":  # ProMISe: APM + IPS beside the untouched backbone
         attach_promise(model, meta.get("promise"))
     tensors = payload["tensors"]
