@@ -256,3 +256,20 @@ def test_promise_is_a_method_in_the_same_target_list():
     opened = open_model(choice, "cpu")
     assert opened.segmenter.metadata["method"] == "promise" and opened.segmenter.refiner is None
     assert "ProMISe" in opened.description and opened.structures[0].name == "Skin lesion"
+
+
+def test_the_busi_target_encodes_with_its_trained_last_stage(lite_model):
+    """breast-lesion-us ships TinyViT stage 3 and the neck trained with its decoder: the catalogue's Segmenter must
+    encode with them (its folded copy is built from the loaded weights), not with LiteMedSAM's."""
+    from SAMSelfPromptLib.weights.catalogue import open_segmenter
+
+    seg = open_segmenter(device="cpu", modality="US", target="breast-lesion-us").segmenter
+    assert seg.metadata["encoder_tuned_from"] == 3
+    tuned = seg.model.state_dict()["image_encoder.neck.0.weight"]
+    assert not torch.equal(tuned, lite_model.state_dict()["image_encoder.neck.0.weight"])
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fast = seg._folded_encoder()(x, seg.precision)
+        module, vanilla = seg.model.encode(x), lite_model.encode(x)
+    assert (fast - module).norm() < 0.05 * module.norm()  # the shipped weights, at the fast path's precision
+    assert (fast - vanilla).norm() > 0.2 * vanilla.norm()
