@@ -172,10 +172,12 @@ class DiskEmbeddingCache:
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc=desc, unit="img")
-        if stage is not None:
+        if not todo:  # every entry was cached: build no encoder copy
+            encode = model.encode
+        elif stage is not None:
             encode = fast_encoder(model, encoder_precision(model), stop_before_stage=stage)
         else:
-            encode = self._encoder(model, len(todo), trace) if todo else model.encode
+            encode = self._encoder(model, len(todo), trace)
         step = 1 if model.device.type == "cpu" else batch_size
         for start in range(0, len(todo), step):
             check_cancel(cancel)
