@@ -1,4 +1,5 @@
-"""The presence threshold of a shipped 3D target, chosen again on every val volume (val: selection only)."""
+"""The presence threshold of a target, swept on every val image or volume (val: selection only).
+``.venv/bin/python -W ignore docs/repro/threshold_probe.py TARGET [CHECKPOINT]`` (default: the shipped checkpoint)"""
 import sys, json
 import torch
 torch.set_num_threads(2)
@@ -11,7 +12,7 @@ from SAMSelfPromptLib.weights.targets import target_spec
 
 name = sys.argv[1]
 spec = target_spec(name)
-path = find_target(name).path
+path = sys.argv[2] if len(sys.argv) > 2 else find_target(name).path
 model, meta = load_samsp(path)
 samples = target_samples(spec, "../shared/data", "val", whole_split=True)
 emb, frames = DiskEmbeddingCache().embed(model, samples, progress=False)
