@@ -6,7 +6,7 @@ removed, and true slices emptied. ``.venv/bin/python -W ignore docs/repro/struct
 the val embeddings cached; val: selection only)"""
 from collections import defaultdict
 
-from val_predictions import val_predictions
+from val_predictions import painted_masks, val_predictions
 
 RV, MYO, LV = "Right ventricle", "Myocardium", "Left ventricle"
 RULES = {  # name -> (structure dropped, the structures of which at least one must be painted on the slice)
@@ -17,12 +17,10 @@ RULES = {  # name -> (structure dropped, the structures of which at least one mu
 }
 
 meta, samples, y1, y0, presence = val_predictions("cardiac-mr")
-threshold = meta.get("presence_threshold") or 0.0
 slices = defaultdict(dict)  # (volume, k) -> structure -> (painted px, labelled px)
-for i, s in enumerate(samples):
+for s, painted in zip(samples, painted_masks(meta, y1, y0, presence)):
     volume, k, structure = s.case_id.split(":")
-    painted = y1[i].any() and y0[i].any() and (threshold <= 0 or presence[i] >= threshold)
-    slices[(volume, int(k))][structure] = (int(y1[i].sum()) if painted else 0, int(s.mask.sum()))
+    slices[(volume, int(k))][structure] = (int(painted.sum()), int(s.mask.sum()))
 
 painted_negatives = [(key, st) for key, d in slices.items() for st, (a, b) in d.items() if a and not b]
 beside_labelled = sum(any(b for other, (_, b) in slices[key].items() if other != st) for key, st in painted_negatives)

@@ -9,15 +9,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from val_predictions import val_predictions
+from val_predictions import painted_masks, val_predictions
 
 meta, samples, y1, y0, presence = val_predictions(sys.argv[1])
-threshold = meta.get("presence_threshold") or 0.0
 groups = defaultdict(list)  # (volume, structure) -> slices in order
-for i, s in enumerate(samples):
+for s, painted in zip(samples, painted_masks(meta, y1, y0, presence)):
     volume, k, structure = s.case_id.split(":")
-    painted = y1[i].any() and y0[i].any() and (threshold <= 0 or presence[i] >= threshold)
-    groups[(volume, structure)].append((int(k), y1[i] if painted else np.zeros_like(y1[i]), s.mask))
+    groups[(volume, structure)].append((int(k), painted, s.mask))
 for g in groups.values():
     g.sort(key=lambda row: row[0])
 
