@@ -258,18 +258,43 @@ def test_promise_is_a_method_in_the_same_target_list():
     assert "ProMISe" in opened.description and opened.structures[0].name == "Skin lesion"
 
 
-def test_the_busi_target_encodes_with_its_trained_last_stage(lite_model):
-    """breast-lesion-us ships TinyViT stage 3 and the neck trained with its decoder: the catalogue's Segmenter must
-    encode with them (its folded copy is built from the loaded weights), not with LiteMedSAM's."""
+def test_the_busi_target_encodes_with_its_trained_top_stages(lite_model):
+    """breast-lesion-us ships TinyViT stages 2-3 and the neck trained with its decoder: the catalogue's Segmenter
+    must encode with them (its folded copy is built from the loaded weights), not with LiteMedSAM's."""
     from SAMSelfPromptLib.weights.catalogue import open_segmenter
 
     seg = open_segmenter(device="cpu", modality="US", target="breast-lesion-us").segmenter
-    assert seg.metadata["encoder_tuned_from"] == 3
-    tuned = seg.model.state_dict()["image_encoder.neck.0.weight"]
-    assert not torch.equal(tuned, lite_model.state_dict()["image_encoder.neck.0.weight"])
+    assert seg.metadata["encoder_tuned_from"] == 2
+    for key in ("image_encoder.neck.0.weight", "image_encoder.layers.2.blocks.0.attn.qkv.weight"):
+        assert not torch.equal(seg.model.state_dict()[key], lite_model.state_dict()[key]), key
+    frozen = "image_encoder.layers.1.blocks.0.attn.qkv.weight"  # stages before 2 stay LiteMedSAM's
+    assert torch.equal(seg.model.state_dict()[frozen], lite_model.state_dict()[frozen])
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         fast = seg._folded_encoder()(x, seg.precision)
         module, vanilla = seg.model.encode(x), lite_model.encode(x)
     assert (fast - module).norm() < 0.05 * module.norm()  # the shipped weights, at the fast path's precision
     assert (fast - vanilla).norm() > 0.2 * vanilla.norm()
+
+
+def test_every_shipped_summary_describes_the_checkpoint_beside_it():
+    """The hosts' model menus and `models` read the summary JSON, not the checkpoint: a checkpoint replaced without
+    its summary would show another model's val metrics and presence threshold."""
+    import json
+
+    from SAMSelfPromptLib.io.files import sha256_of
+    from SAMSelfPromptLib.training.api import SUMMARY_METADATA_KEYS, _plain
+    from SAMSelfPromptLib.weights.catalogue import WEIGHTS_DIR
+    from SAMSelfPromptLib.weights.checkpoint import read_samsp
+
+    summaries = sorted(WEIGHTS_DIR.glob("*.json"))
+    assert len(summaries) >= 7
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        checkpoint = path.with_suffix(".pt")
+        assert summary["sha256"] == sha256_of(checkpoint), f"{path.name} describes another {checkpoint.name}"
+        meta = read_samsp(checkpoint)["metadata"]
+        # modality and target: the summary gives the target's kind and spec, which older checkpoints do not carry
+        for key in set(SUMMARY_METADATA_KEYS) - {"modality", "target"}:
+            assert json.dumps(summary.get(key), sort_keys=True) == json.dumps(_plain(meta.get(key)), sort_keys=True), \
+                f"{path.name}: {key} differs from {checkpoint.name}'s metadata"

@@ -184,6 +184,14 @@ def train_from_arrays(
                          {"source": "arrays", "n_train": len(tr), "n_val": len(val)}, progress=progress)
 
 
+# The checkpoint metadata a summary repeats, for readers that must not load the checkpoint (`models`, the hosts' menus).
+SUMMARY_METADATA_KEYS = (
+    "modality", "intensity", "intensity_note", "input_size", "base_model", "mode", "train_config", "optimizer", "loss",
+    "best_epoch", "val_metrics", "train_seconds", "fp16", "git_commit", "created", "empty_y0_fallback",
+    "presence_threshold", "negatives", "n_structures", "target", "method", "encoder_tuned_from",
+    "val_metrics_training_path")
+
+
 def write_summary(checkpoint: str | Path, json_path: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The small human-readable JSON shipped beside a checkpoint: what it is and how well it did."""
     import json
@@ -192,11 +200,7 @@ def write_summary(checkpoint: str | Path, json_path: str | Path, extra: dict[str
     from ..weights.checkpoint import read_samsp
 
     meta = read_samsp(checkpoint)["metadata"]
-    keep = ("modality", "intensity", "intensity_note", "input_size", "base_model", "mode", "train_config", "optimizer",
-            "loss", "best_epoch", "val_metrics", "train_seconds", "fp16", "git_commit", "created", "empty_y0_fallback",
-            "presence_threshold", "negatives", "n_structures", "target", "method", "encoder_tuned_from",
-            "val_metrics_training_path")
-    summary = {k: meta.get(k) for k in keep}
+    summary = {k: meta[k] for k in SUMMARY_METADATA_KEYS if meta.get(k) is not None}  # absent stays absent
     data = dict(meta.get("data", {}))
     data.pop("train_ids", None)
     summary["data"] = data

@@ -121,8 +121,8 @@ TARGETS: tuple[TargetSpec, ...] = (
         "samsp_busi_litemedsam.pt", "busi", "2d",
         "BUSI: released for research use with citation; not for redistribution",
         "Al-Dhabyani et al., Dataset of breast ultrasound images, Data in Brief 28 (2020) 104863",
-        recipe={"epochs": 8, "init": "samsp_ctliver_litemedsam.pt", "y0_weight": 1.0, "lr": 5e-4,
-                "encoder_from_stage": 3, "encoder_lr": 5e-5}),
+        recipe={"epochs": 6, "init": "samsp_ctliver_litemedsam.pt", "y0_weight": 1.0, "lr": 5e-4,
+                "encoder_from_stage": 2, "encoder_lr": 5e-5}),
     TargetSpec(
         "fetal-head-us", "Fetal head (ultrasound)", ("US",),
         (Structure("Fetal head", (0.95, 0.8, 0.6), ANATOMICAL_STRUCTURE, (SCT, "69536005", "Head")),),
