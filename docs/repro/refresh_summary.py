@@ -13,7 +13,8 @@ from SAMSelfPromptLib.training.api import SUMMARY_METADATA_KEYS, write_summary
 
 path = Path(sys.argv[1])
 old = json.loads(path.read_text())
-kept = {k: v for k, v in old.items() if k not in SUMMARY_METADATA_KEYS or k in ("target", "modality")}
-kept = {k: v for k, v in kept.items() if k not in ("file", "sha256", "data")}
+# what write_summary derives from the checkpoint goes; target and modality stay (the summary's come from the spec)
+derived = (set(SUMMARY_METADATA_KEYS) - {"target", "modality"}) | {"file", "sha256", "data"}
+kept = {k: v for k, v in old.items() if k not in derived}
 atomic_write(path, lambda tmp: write_summary(path.with_suffix(".pt"), tmp, kept), overwrite=True)
 print(f"rewrote {path}: sha256 {json.loads(path.read_text())['sha256'][:12]}...")
