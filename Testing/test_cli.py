@@ -81,6 +81,8 @@ def test_segment_dicom_series_to_seg_nrrd(capsys, tmp_path, ct_dicom_dir, ct_ref
     assert f"-> {out}" in stdout and "/2 slices with object" in stdout
     mask = assert_seg_nrrd_on_grid(out, ct)
     assert mask[9:11].any() and not mask[:9].any() and not mask[11:].any()  # only the requested slices
+    ml = np.count_nonzero(mask) * np.prod(ct.spacing) / 1000.0
+    assert f"slices with object, {ml:.1f} ml, " in stdout, stdout  # the painted volume, from the grid's spacing
     seg = slicerio.read_segmentation(str(out))
     assert [s["name"] for s in seg["segments"]] == ["Liver"]  # the liver-ct target's structure
 
@@ -208,6 +210,17 @@ def test_bad_input_exits_2_with_a_specific_message(capsys, tmp_path, lite_model,
     assert err.startswith("samselfprompt segment: error: ")
     assert re.search(expect, err), err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_a_picture_reports_its_painted_area_in_pixels(capsys, tmp_path):
+    """A dermoscopy JPEG has no physical size (its 1 mm spacing is the reader's default), so the summary
+    gives the painted area in pixels, where a volume gives millilitres."""
+    out = tmp_path / "lesion.nii.gz"
+    code, stdout, err = run_cli(capsys, "segment", shared_path("ph2", "images", "IMD003.jpg"), "-o", out, "--quiet")
+    assert code == 0, err
+    painted = np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))
+    assert painted > 1000 and f"1/1 slices with object, {painted} pixels, " in stdout, stdout
+    assert " ml," not in stdout
 
 
 def test_bad_input_from_the_console_script(tmp_path):

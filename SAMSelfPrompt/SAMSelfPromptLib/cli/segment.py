@@ -185,13 +185,20 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
             segments[0]["name"] = args.name
     write_labelmap(out_path, mask, volume.ijk_to_ras, segments, source_files=volume.source_files,
                    overwrite=args.overwrite)
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     return {
         "case": case.name, "output": str(out_path), "slices": len(results),
         "with_object": sum(1 for r in results if r.mask.any()),
-        "volume_ml": float(mask.sum()) * voxel_ml, "seconds": time.perf_counter() - t0,
+        "painted": painted_amount(volume, mask), "seconds": time.perf_counter() - t0,
         "model": opened.description,
     }
+
+
+def painted_amount(volume, mask: np.ndarray) -> str:
+    """How much was painted, in the unit the input supports: a volume in ml for a stack of slices, an
+    area in pixels for one picture (PNG, JPEG: their 1 mm spacing is a reader's default, not a size)."""
+    if volume.shape_kji[0] == 1:
+        return f"{int(np.count_nonzero(mask))} pixels"
+    return f"{np.count_nonzero(mask) * float(np.prod(volume.spacing)) / 1000.0:.1f} ml"
 
 
 class _progress_bar:
@@ -272,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
             print(f"FAILED {case.name}: {exc}", file=sys.stderr)
             continue
-        print(f"{s['case']}: {s['with_object']}/{s['slices']} slices with object, {s['volume_ml']:.1f} ml, "
+        print(f"{s['case']}: {s['with_object']}/{s['slices']} slices with object, {s['painted']}, "
               f"{s['seconds']:.1f} s, {s['model']} -> {s['output']}")
     if many:
         print(f"part {part or 0} of {num_parts or 1}: {len(cases) - failures} of {len(cases)} cases written"
