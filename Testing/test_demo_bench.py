@@ -134,7 +134,7 @@ def test_a_cli_process_runs_without_loading_triton():
             "from torch.utils._triton import has_triton_package\n"
             "from SAMSelfPromptLib.weights.catalogue import open_segmenter\n"
             "seg = open_segmenter(device='cpu', modality='CT').segmenter\n"
-            "emb = seg._encoder(1)(torch.rand(1, 3, 256, 256))\n"
+            "emb = seg._encoder()(torch.rand(1, 3, 256, 256))\n"
             "print(sys.modules['triton'], has_triton_package(), 'torch._dynamo' in sys.modules, tuple(emb.shape))")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[-2] == "None False True (1, 256, 64, 64)"

@@ -106,18 +106,26 @@ def test_skipping_schedule():
 
 
 def test_the_cpu_encoder_sees_one_slice_at_a_time(lite_model):
-    """A batch buys nothing on the CPU and holds its activations once per slice (core/predictor.one_at_a_time)."""
-    seen = []
-    hook = lite_model.image_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
-    try:
-        plain = Segmenter(lite_model, "cpu", precision="fp32")
-        images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
-        both = plain._encode(plain._encoder(2), images)
-        alone = plain._encode(plain._encoder(1), images[1:])
-    finally:
-        hook.remove()
+    """A batch buys nothing on the CPU and holds its activations once per slice (core/predictor.one_at_a_time):
+    the folded copy every CPU Segmenter runs, and the module the bench's naive baseline runs."""
+    from SAMSelfPromptLib.cli.bench import naive_segmenter
+
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    fast = Segmenter(lite_model, "cpu")
+    folded, seen = fast._folded_encoder(), []
+    fast._fast_encode = lambda x, *precision: (seen.append(len(x)), folded(x, *precision))[1]
+    both = fast._encode(fast._encoder(), images)
+    alone = fast._encode(fast._encoder(), images[1:])
     assert seen == [1, 1, 1] and both.shape == (2, 256, 64, 64)
     assert torch.equal(both[1:], alone)  # a slice's embedding does not depend on its batch
+    seen.clear()
+    hook = lite_model.image_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        naive = naive_segmenter(lite_model, torch.device("cpu"), {})
+        naive._encode(naive._encoder(), images)
+    finally:
+        hook.remove()
+    assert seen == [1, 1]
 
 
 def test_precision_choice_and_override(monkeypatch, lite_model):
@@ -158,7 +166,7 @@ def test_fast_path_agrees_with_fp32_on_the_ct_series(ct, fast):
     x = to_model_input(normalize_slice(stack.pixels[10], fast.intensity_for(vol, opts)), 256)[0][None]
     with torch.no_grad():
         ref = fast.model.encode(x)
-        got = fast._encoder(1)(x)
+        got = fast._encoder()(x)
     assert float((got - ref).norm() / ref.norm()) < 0.03  # bf16 matmuls, fp32 convolutions: about 1%
 
 
@@ -179,7 +187,7 @@ def test_a_checkpoints_fp32_stages_run_in_fp32_on_the_fast_path(ct, fast):
     x = to_model_input(normalize_slice(stack.pixels[10], fast.intensity_for(volume, SegmentOptions())), 256)[0][None]
     with torch.no_grad():
         ref = fast.model.encode(x)
-        error = {name: float((seg._encoder(1)(x) - ref).norm() / ref.norm()) for name, seg in
+        error = {name: float((seg._encoder()(x) - ref).norm() / ref.norm()) for name, seg in
                  (("all bf16", fast), ("stage 2 fp32", stage2))}
     assert error["stage 2 fp32"] < 0.75 * error["all bf16"], error
     assert read_samsp(find_target("left-atrium-mr").path)["metadata"]["encoder_fp32_stages"] == [2]

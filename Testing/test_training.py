@@ -133,19 +133,6 @@ def test_cache_recomputes_when_preprocessing_changes(lite_model, tmp_path):
 
 # --- training ---------------------------------------------------------------------------------------
 
-def test_traced_cpu_encoder_equals_the_plain_encoder(lite_model):
-    """The cache traces the encoder for long runs; its embeddings must be the plain encoder's."""
-    from SAMSelfPromptLib.modeling.traced_encoder import MIN_IMAGES_TO_TRACE, encoder_for
-
-    assert encoder_for(lite_model, MIN_IMAGES_TO_TRACE - 1) == lite_model.encode  # short runs: no tracing cost
-    fast = encoder_for(lite_model, MIN_IMAGES_TO_TRACE)
-    assert fast != lite_model.encode
-    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        want = lite_model.encode(images)
-    torch.testing.assert_close(fast(images), want, atol=1e-4, rtol=1e-4)
-
-
 def _synthetic_cache(model, samples, tmp_path, seed=0) -> DiskEmbeddingCache:
     """Store random embeddings under the real keys: trainer plumbing without encoder time."""
     cache = DiskEmbeddingCache(tmp_path / "cache")

@@ -4,7 +4,7 @@ under bf16 autocast), emulated with this CPU's bf16, against the folded copy eve
 ``.venv/bin/python -W ignore docs/repro/gpu_autocast_agreement.py`` (about 10 min on the 2-core CPU)"""
 import torch
 
-from SAMSelfPromptLib.core import predictor
+from SAMSelfPromptLib.cli.bench import naive_segmenter
 from SAMSelfPromptLib.core.masks import dice
 from SAMSelfPromptLib.core.predictor import Segmenter, SegmentOptions, segment_volume
 from SAMSelfPromptLib.io import read_any
@@ -19,15 +19,10 @@ for name, path, target in inputs:
                             array=volume.array)
     model, metadata = opened.segmenter.model, opened.segmenter.metadata
     options = SegmentOptions(batch_size=1, skip_slices=False)
-    naive, _ = segment_volume(Segmenter(model, "cpu", metadata, precision="fp32"), volume, options)
+    naive, _ = segment_volume(naive_segmenter(model, torch.device("cpu"), metadata), volume, options)
     folded, _ = segment_volume(Segmenter(model, "cpu", metadata), volume, options)
-    real = predictor.runs_folded_copy
-    predictor.runs_folded_copy = lambda device, precision: False  # the module under autocast, as a GPU ran it
-    try:
-        module = Segmenter(model, "cpu", metadata)
-        module.trace_encoder = False
-        autocast, _ = segment_volume(module, volume, options)
-    finally:
-        predictor.runs_folded_copy = real
+    module = Segmenter(model, "cpu", metadata)
+    module.use_folded_copy = False  # the module under autocast, as a GPU ran it before session 10
+    autocast, _ = segment_volume(module, volume, options)
     print(f"{name}: Dice vs fp32, module under autocast {dice(autocast, naive):.4f}, folded copy {dice(folded, naive):.4f}",
           flush=True)

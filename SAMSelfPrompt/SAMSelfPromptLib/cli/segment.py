@@ -153,7 +153,6 @@ def run_case(case: Case, out_path: Path, args: argparse.Namespace, opened_cache:
                                            volume.modality, volume.is_rgb, target=args.target,
                                            array=volume.array, force_target=args.force_target,
                                            extra_targets=saved_user_targets() if args.target else ())
-        opened_cache[key].segmenter.trace_encoder = True  # long CPU runs trace the encoder once
         if getattr(args, "precision", None):  # before the first slice: the encoder is built for it
             from ..modeling.backbones import resolve_precision
 

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled, InputError, OutOfMemoryError
-from ..modeling.traced_encoder import encoder_for
 from ..modeling.fast_encoder import fast_encoder, runs_folded_copy
 from .volume import Volume, check_segmentable, finite_slice
 from ..modeling.backbones import SamBackbone, autocast_for, pick_device, resolve_precision
@@ -241,11 +240,9 @@ class Segmenter:
         self.encoder_calls = 0  # slices actually encoded; tests use it to prove cache reuse
         self.exact_encodes = 0  # slices encoded again in fp32 because pass 1 was borderline (_recheck_borderline)
         self._exact_keys: set[tuple] = set()  # cache keys whose embedding was computed in fp32
-        # Command-line runs set this: on the CPU a request of 24+ slices then traces the encoder
-        # once (frozen_encoder.py: 14 s, then 22% less per slice). Off for the Slicer worker,
-        # where the Python-level tracing would hold the GIL against the UI for those seconds.
-        self.trace_encoder = False
-        self._traced_encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # The folded copy of the encoder where ``runs_folded_copy`` says it runs; ``samselfprompt bench``
+        # turns it off for its naive baseline, the plain module in fp32.
+        self.use_folded_copy = True
         self._fast_encode: Callable[..., torch.Tensor] | None = None
         self._windows: dict[tuple, tuple[int, int, int, int] | None] = {}  # scale_window per volume
         # Set when the device ran out of memory: the most slices encoded at once from then on.
@@ -275,24 +272,18 @@ class Segmenter:
             options = replace(options, batch_size=default_batch_size(self.device))
         return options
 
-    def _encoder(self, n_slices: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The encoder for ``n_slices``: the folded copy at reduced precision on a CPU or a CUDA GPU
-        (``runs_folded_copy`` says why), else the (traced) module."""
-        if runs_folded_copy(self.device, self.precision):
+    def _encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The encoder: the folded copy on a CPU, and on a CUDA GPU at reduced precision
+        (``runs_folded_copy`` says why), else the module. On the CPU one slice at a time (one_at_a_time)."""
+        if self.use_folded_copy and runs_folded_copy(self.device, self.precision):
             encode = self._folded_encoder()
-            return one_at_a_time(encode) if self.device.type == "cpu" else encode
-        if self._traced_encode is None and self.trace_encoder:
-            encode = encoder_for(self.model, n_slices)
-            if encode != self.model.encode:
-                self._traced_encode = encode  # the model never trains inside a Segmenter
-        if self._traced_encode is not None:
-            return self._traced_encode
-        # Run under autocast_for(device, self.precision). On the CPU one slice at a time (one_at_a_time).
-        return one_at_a_time(self.model.encode) if self.device.type == "cpu" else self.model.encode
+        else:
+            encode = self.model.encode  # run under autocast_for(device, self.precision)
+        return one_at_a_time(encode) if self.device.type == "cpu" else encode
 
     def _folded_encoder(self) -> Callable[..., torch.Tensor]:
-        """The folded copy of the encoder (modeling/fast_encoder.py), built once: no tracing, it pays
-        from the first slice. Called with a precision ("fp32" for the exact re-encodes) or without
+        """The folded copy of the encoder (modeling/fast_encoder.py), built once: it pays from the first
+        slice. Called with a precision ("fp32" for the exact re-encodes) or without
         (this Segmenter's). A checkpoint's ``encoder_fp32_stages`` stay fp32 in it: the stages whose
         bf16 rounding moved its masks' edges more than the 0.995 agreement with fp32 allows."""
         if self._fast_encode is None:
@@ -378,7 +369,7 @@ class Segmenter:
         are prepared in turn on this thread (``prefetch_ahead``)."""
         window = self.scale_window(volume, stack, intensity)
         key_of = self._cache_keys(volume, stack, intensity, window)
-        encode = self._encoder(len(indices))
+        encode = self._encoder()
         step = max(1, batch_size)
         chunks = [list(indices[start:start + step]) for start in range(0, len(indices), step)]
 

@@ -1,1 +1,1 @@
-"""Pure networks: the SAM-family backbones and their registry, the mask head, LoRA, the traced encoder."""
+"""Pure networks: the SAM-family backbones and their registry, the mask head, LoRA, the fast encoder copy."""

@@ -1,7 +1,8 @@
 """The fast path for the image encoder: bf16 matmuls on a folded, channels-last copy.
 
 Written for the CPU and measured there; a CUDA GPU runs the same copy without the oneDNN fusions, so
-both devices keep the convolutions in fp32 (``runs_folded_copy``).
+both devices keep the convolutions in fp32 (``runs_folded_copy``). A CPU without native bf16 runs the
+copy in fp32: the folding, fusions and bands below make it faster than the module there too.
 
 On a CPU with native bf16 (AVX-512 BF16 or AMX), oneDNN runs the LiteMedSAM encoder in bf16
 autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
@@ -30,8 +31,9 @@ autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
   left-atrium masks' agreement with the naive fp32 path from 0.9937 to 0.997 (docs/RESULTS.md, Speed).
 
 The mask decoder stays fp32 (it is not under autocast). Nothing needs tracing or compiling:
-the copy is built in milliseconds, so it pays from the first slice (the fp32 TorchScript
-trace needs 24+).
+the copy is built in milliseconds, so it pays from the first slice. (A TorchScript trace of the
+module, used for long fp32 runs until session 14, cost 14 s to build and was slower than this copy
+in fp32; ``torch.compile`` of the copy took 144 s to build for 7% a slice.)
 
 The copy is a snapshot of the encoder's weights: build it within one inference job (a
 ``Segmenter`` never trains its model), never across training of the encoder.
@@ -302,13 +304,17 @@ def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = 
 
 
 def runs_folded_copy(device: torch.device, precision: str) -> bool:
-    """Whether inference encodes with ``fast_encoder`` here: at reduced precision on a CPU or a CUDA GPU.
+    """Whether inference encodes with ``fast_encoder`` here: on a CPU at every precision, on a CUDA GPU at
+    reduced precision.
 
-    A GPU too: autocasting the whole module puts the convolutions in bf16. Emulated with the 2-core CPU's bf16, a
-    left-atrium MR slice's embedding was then 6.2% off fp32 against 1.7% for this copy, and that volume's masks
-    agreed with fp32 to 0.987 against 0.997 (0.995 is asked; docs/RESULTS.md, Speed, session 10). Other devices
-    (MPS) autocast the module."""
-    return precision != "fp32" and device.type in ("cpu", "cuda")
+    A CPU in fp32 too (one without native bf16, or fp32 asked for): the copy's fp32 is the module's within
+    rounding (4e-6 relative on CT slices) and took 878 ms a slice against 1208 for the traced module and
+    1402-1614 for the module itself, at less than half the module's peak memory (docs/RESULTS.md, Speed,
+    session 14). A GPU at reduced precision: autocasting the whole module puts the convolutions in bf16.
+    Emulated with the 2-core CPU's bf16, a left-atrium MR slice's embedding was then 6.2% off fp32 against 1.7%
+    for this copy, and that volume's masks agreed with fp32 to 0.987 against 0.997 (0.995 is asked;
+    docs/RESULTS.md, Speed, session 10). A GPU in fp32 and other devices (MPS) run the module."""
+    return device.type == "cpu" or (device.type == "cuda" and precision != "fp32")
 
 
 def fast_encoder(model: SamBackbone, precision: str, fp32_stages: Sequence[int] = (),

@@ -9,8 +9,8 @@ teach the model its own output, so it is refused unless the user says they corre
 Worker thread (``adapt_job``): the training API in ``training.api`` embeds the slices with
 the frozen encoder and trains the prompt encoder and mask decoder, on the device asked for.
 Choices made for a worker that runs beside Slicer's UI and on patient data:
-- the encoder is never traced here (``trace=False``): TorchScript tracing is seconds of
-  Python-level work that holds the GIL, freezing the UI; the plain encoder runs in C++;
+- the encoder is inference's own (``training.embedding_cache``): it runs in C++ and never holds the GIL
+  against the UI for long;
 - the embeddings live in a temporary folder removed when the job ends, however it ends
   (done, failed, cancelled), so no patient-derived data is left in the cache folder;
 - Cancel is checked between images while embedding, between steps and between epochs;
@@ -124,7 +124,7 @@ def adapt_job(samples, model: str, checkpoint, out_dir, epochs: int, device: str
             ctx.emit(EventKind.MESSAGE, f"Encoding {len(data)} labelled slices on {dev.type}...")
             _, meta = train_samples(data, None, out, config, net, {"source": "3D Slicer segments", "n_train": len(data)},
                                     cache=DiskEmbeddingCache(tmp / "embeddings"), progress=False, log=log,
-                                    trace=False, cancel=ctx.cancel_event)
+                                    cancel=ctx.cancel_event)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         ctx.progress(epochs, epochs)

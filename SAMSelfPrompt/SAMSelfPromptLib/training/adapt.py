@@ -138,7 +138,7 @@ class SliceEmbeddings:
             h, w = s.image.shape[:2]
             if emb is None:
                 if self._encode is None:
-                    self._encode = DiskEmbeddingCache._encoder(self.model, 1, trace=False)
+                    self._encode = DiskEmbeddingCache._encoder(self.model)
                 x = model_input(s, self.model.image_size)[0][None].to(self.model.device)
                 with torch.no_grad():
                     emb = self._encode(x)[0].float().cpu()
@@ -210,7 +210,7 @@ def adapt_model(
                      y0_weight=config.y0_weight)
     t1 = time.time()
     mem = _MemoryCache(emb, samples)
-    result = train(model, train_set, samples, tc, cache=mem, progress=False, log=log, trace=False, cancel=cancel)
+    result = train(model, train_set, samples, tc, cache=mem, progress=False, log=log, cancel=cancel)
     train_seconds = time.time() - t1
     threshold = float(result.best_val.get("presence_threshold", 0.0))
     return AdaptOutcome(result.model, threshold, ks, negs, extent, time.time() - t0, embed_seconds, train_seconds,
@@ -225,10 +225,10 @@ class _MemoryCache(DiskEmbeddingCache):
         self._by_id = {id(s): int(s.case_id.split(":")[1]) for s in samples}
         self._emb = emb
 
-    def embed(self, model, samples, batch_size=4, progress=False, desc="", trace=True, cancel=None, stage=None):
+    def embed(self, model, samples, batch_size=4, progress=False, desc="", cancel=None, stage=None):
         out = [self._emb(self._by_id[id(s)]) if id(s) in self._by_id and stage is None else None for s in samples]
         if any(o is None for o in out):
-            return super().embed(model, samples, batch_size, progress, desc, trace, cancel, stage)
+            return super().embed(model, samples, batch_size, progress, desc, cancel, stage)
         return torch.stack([o[0] for o in out]), [o[1] for o in out]  # type: ignore[index]
 
 

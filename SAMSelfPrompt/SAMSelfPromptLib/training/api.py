@@ -42,11 +42,11 @@ def base_model(checkpoint: str | Path | None, model_id: str = "litemedsam", devi
 
 
 def _val_dice_with(model: SamBackbone, state: dict[str, torch.Tensor], val: Sequence[Sample],
-                   cache: DiskEmbeddingCache, trace: bool = True,
+                   cache: DiskEmbeddingCache,
                    cancel: threading.Event | None = None) -> dict[str, float]:
     keep = {k: v.clone() for k, v in model.trainable_state().items()}
     model.load_state_dict(state, strict=False)
-    emb, frames = cache.embed(model, val, trace=trace, cancel=cancel)
+    emb, frames = cache.embed(model, val, cancel=cancel)
     out = evaluate_val(model, val, emb, frames)
     model.load_state_dict(keep, strict=False)
     return out
@@ -66,13 +66,12 @@ def train_samples(
     progress: bool = True,
     extra_metadata: dict[str, Any] | None = None,
     log=print,
-    trace: bool = True,
     cancel: threading.Event | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train SAM-SP and (if ``out``) save the checkpoint; returns the result and its metadata.
 
-    ``trace`` (may the CPU encoder be traced for long runs) and ``cancel`` (checked between
-    images and steps; raises ``errors.Cancelled`` before anything is saved) go to the trainer.
+    ``cancel`` (checked between images and steps; raises ``errors.Cancelled`` before anything is saved)
+    goes to the trainer.
     """
     config = config or TrainConfig()
     cache = cache or DiskEmbeddingCache()
@@ -81,7 +80,7 @@ def train_samples(
         raise ValueError("no training samples")
     intensity = train[0].intensity
     result = run_training(model, train, val, config, out_dir=work_dir, resume=resume, cache=cache,
-                          progress=progress, log=log, trace=trace, cancel=cancel)
+                          progress=progress, log=log, cancel=cancel)
     use_half = half == "yes"
     half_check = None
     val_metrics = result.best_val
@@ -89,10 +88,10 @@ def train_samples(
         # Selection scored the training step's top stages (module under autocast) on cached tokens; what
         # Auto-segment runs is the inference encoder's folded copy of the tuned weights. Score that, and keep
         # its presence threshold.
-        val_metrics = _val_dice_with(result.model, result.model.trainable_state(), val, cache, trace, cancel)
+        val_metrics = _val_dice_with(result.model, result.model.trainable_state(), val, cache, cancel)
     if half == "auto" and val and config.mode == "cpu":
         state16 = {k: v.half().float() for k, v in result.model.trainable_state().items()}
-        half_check = _val_dice_with(result.model, state16, val, cache, trace, cancel)
+        half_check = _val_dice_with(result.model, state16, val, cache, cancel)
         use_half = abs(half_check["score"] - val_metrics["score"]) <= HALF_TOLERANCE
     meta: dict[str, Any] = {
         "modality": intensity.modality,

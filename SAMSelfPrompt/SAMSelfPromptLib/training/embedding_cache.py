@@ -8,13 +8,13 @@ an unreadable entry is recomputed rather than trusted.
 
 The encoder is the one inference runs (``encoder_precision``): on a CPU with native bf16 that is
 the folded bf16 copy (``modeling.fast_encoder``, about 0.45 s per image here instead of 2.1 s for
-the fp32 trace), so a model trained on cached embeddings sees what Auto-segment will feed it.
+a traced fp32 module; elsewhere the same copy in fp32), so a model trained on cached embeddings sees what
+Auto-segment will feed it.
 The precision is part of the key, so fp32 and bf16 entries never mix.
 
 On the CPU images are encoded one at a time: batch 1 is the fastest there (LiteMedSAM on 1 thread:
 4.8 s for four single images, 6.4 s for one batch of four) and it lets ``cancel`` stop the job
-between images. ``trace=False`` keeps the TorchScript tracer out (callers on a worker thread
-beside a UI: tracing is Python-level work that holds the GIL for seconds).
+between images.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import torch
 
 from ..errors import Cancelled
 from ..io.files import atomic_write, cache_dir
-from ..modeling.traced_encoder import encoder_for
 from ..modeling.backbones import SamBackbone, resolve_precision
 from ..modeling.fast_encoder import fast_encoder, runs_folded_copy
 from ..core.preprocess import Frame, normalize_slice, to_model_input
@@ -140,7 +139,6 @@ class DiskEmbeddingCache:
         batch_size: int = 4,
         progress: bool = False,
         desc: str = "embedding",
-        trace: bool = True,
         cancel: threading.Event | None = None,
         stage: int | None = None,
     ) -> tuple[torch.Tensor, list[Frame]]:
@@ -149,9 +147,7 @@ class DiskEmbeddingCache:
         ``stage`` k: instead, N x 4096 x C fp16 tokens, what TinyViT stage k receives from the inference
         encoder's earlier stages (training stages k.. with the decoder, ``TrainConfig.encoder_from_stage``).
 
-        ``trace``: let ``encoder_for`` trace the CPU encoder for long runs (False: always the
-        model's own ``encode``). ``cancel``: checked before every encoder batch (every image on
-        the CPU); when set, ``errors.Cancelled`` is raised and what was encoded so far stays cached.
+        ``cancel``: checked before every encoder batch (every image on the CPU); when set, ``errors.Cancelled`` is raised and what was encoded so far stays cached.
         """
         keys = [cache_key(s, model, stage) for s in samples]
         frames: list[Frame] = []
@@ -177,7 +173,7 @@ class DiskEmbeddingCache:
         elif stage is not None:
             encode = fast_encoder(model, encoder_precision(model), stop_before_stage=stage)
         else:
-            encode = self._encoder(model, len(todo), trace)
+            encode = self._encoder(model)
         step = 1 if model.device.type == "cpu" else batch_size
         for start in range(0, len(todo), step):
             check_cancel(cancel)
@@ -195,13 +191,13 @@ class DiskEmbeddingCache:
         return torch.stack(out), frames  # type: ignore[arg-type]
 
     @staticmethod
-    def _encoder(model: SamBackbone, n_images: int, trace: bool):
-        """Inference's encoder: the folded copy at reduced precision (a bf16 CPU, a CUDA GPU), else fp32 (traced
-        for long runs)."""
+    def _encoder(model: SamBackbone):
+        """Inference's encoder (``runs_folded_copy``): the folded copy on a CPU and on a CUDA GPU at reduced
+        precision, else the module (and the module while its encoder trains)."""
         precision = encoder_precision(model)
         if runs_folded_copy(model.device, precision) and not model.image_encoder.training:
             return fast_encoder(model, precision)
-        return encoder_for(model, n_images) if trace else model.encode
+        return model.encode
 
 
 def check_cancel(cancel: threading.Event | None) -> None:

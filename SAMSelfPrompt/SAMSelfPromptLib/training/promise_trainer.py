@@ -94,7 +94,6 @@ def train_promise(
     cache: DiskEmbeddingCache | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    trace: bool = True,
     cancel: threading.Event | None = None,
 ) -> TrainResult:
     """Attach and train APM + IPS in place on ``model``; returns it with the best-val modules loaded."""
@@ -113,11 +112,11 @@ def train_promise(
     device = model.device
     cache = cache or DiskEmbeddingCache()
     cache.embed(model, [*train_samples, *(val_samples or [])], progress=progress, desc="caching embeddings",
-                trace=trace, cancel=cancel)
-    data = Batches(train_samples, model, "cpu", cache, False, trace=trace, cancel=cancel)
+                cancel=cancel)
+    data = Batches(train_samples, model, "cpu", cache, False, cancel=cancel)
     val_emb = val_frames = None
     if val_samples:
-        val_emb, val_frames = cache.embed(model, val_samples, trace=trace, cancel=cancel)
+        val_emb, val_frames = cache.embed(model, val_samples, cancel=cancel)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     n = len(train_samples)
     steps_per_epoch = max(1, n // config.batch_size)

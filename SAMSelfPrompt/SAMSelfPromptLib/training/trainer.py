@@ -213,12 +213,12 @@ class Batches:
     """Inputs for the loop: cached embeddings (cpu mode) or model inputs (paper mode), plus targets."""
 
     def __init__(self, samples: Sequence[Sample], model: SamBackbone, mode: str, cache: DiskEmbeddingCache | None,
-                 progress: bool, trace: bool = True, cancel: threading.Event | None = None, stage: int | None = None):
+                 progress: bool, cancel: threading.Event | None = None, stage: int | None = None):
         """``stage``: cpu mode's inputs are the tokens that TinyViT stage receives, not embeddings."""
         self.frames = [sample_frame(s, model.image_size) for s in samples]
         if mode == "cpu":
             self.inputs, _ = (cache or DiskEmbeddingCache()).embed(model, samples, progress=progress, desc="caching embeddings",
-                                                                   trace=trace, cancel=cancel, stage=stage)
+                                                                   cancel=cancel, stage=stage)
         else:
             self.inputs = torch.stack([model_input(s, model.image_size)[0] for s in samples]).to(torch.float16)
         self.targets = torch.stack([mask_to_low_res(s.mask, f) for s, f in zip(samples, self.frames)])
@@ -339,15 +339,14 @@ def train(
     cache: DiskEmbeddingCache | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    trace: bool = True,
     cancel: threading.Event | None = None,
 ) -> TrainResult:
     """Train SAM-SP in place on ``model``; returns it with the best-val weights loaded.
 
     Without val samples the last epoch is kept. ``out_dir`` receives log.jsonl and
     last.pt (everything needed to resume: weights, optimizer, scheduler, epoch, best).
-    ``trace`` and ``cancel`` go to the embedding cache (see ``DiskEmbeddingCache.embed``);
-    ``cancel`` is also checked before every step, raising ``errors.Cancelled``.
+    ``cancel`` goes to the embedding cache (see ``DiskEmbeddingCache.embed``) and is also checked
+    before every step, raising ``errors.Cancelled``.
     """
     t_start = time.time()
     if config.num_threads:
@@ -375,15 +374,14 @@ def train(
     model.eval()  # BatchNorm in the encoder keeps its statistics (LoRA tunes weights, not stats)
     mark_trainable(model)
     cache = cache or DiskEmbeddingCache()
-    if config.mode == "cpu":  # fill the cache in one pass, so a long run traces the encoder only once
+    if config.mode == "cpu":  # fill the cache in one pass: one encoder copy, one progress bar
         cache.embed(model, [*train_samples, *(val_samples or [])], progress=progress and rank == 0,
                     desc="caching embeddings" if top_from is None else f"caching stage-{top_from} inputs",
-                    trace=trace, cancel=cancel, stage=top_from)
-    data = Batches(train_samples, model, config.mode, cache, progress and rank == 0, trace=trace, cancel=cancel,
-                   stage=top_from)
+                    cancel=cancel, stage=top_from)
+    data = Batches(train_samples, model, config.mode, cache, progress and rank == 0, cancel=cancel, stage=top_from)
     val_emb = val_frames = val_tokens = None
     if val_samples and config.mode == "cpu":
-        val_emb, val_frames = cache.embed(model, val_samples, trace=trace, cancel=cancel, stage=top_from)
+        val_emb, val_frames = cache.embed(model, val_samples, cancel=cancel, stage=top_from)
         if top_from is not None:  # the tuned stages change every step: val embeddings are made per val pass
             val_tokens, val_emb = val_emb, None
     step_module: nn.Module = SamSpStep(model, encode=config.mode == "paper", top_from=top_from or 0)
