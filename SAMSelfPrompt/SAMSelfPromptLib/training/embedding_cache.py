@@ -147,7 +147,8 @@ class DiskEmbeddingCache:
         ``stage`` k: instead, N x 4096 x C fp16 tokens, what TinyViT stage k receives from the inference
         encoder's earlier stages (training stages k.. with the decoder, ``TrainConfig.encoder_from_stage``).
 
-        ``cancel``: checked before every encoder batch (every image on the CPU); when set, ``errors.Cancelled`` is raised and what was encoded so far stays cached.
+        ``cancel``: checked before every encoder batch (every image on the CPU); when set,
+        ``errors.Cancelled`` is raised and what was encoded so far stays cached.
         """
         keys = [cache_key(s, model, stage) for s in samples]
         frames: list[Frame] = []
