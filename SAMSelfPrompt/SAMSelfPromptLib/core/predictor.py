@@ -25,7 +25,7 @@ from .promise import promise_prompt, promise_refine
 from .masks import mask_box
 from .orientation import SliceStack
 from .skipping import DEFAULT_STEP, coarse, next_wave, outside_body
-from .memory import trim_heap
+from .memory import reuse_freed_heap, trim_heap
 from .prefetch import prefetched
 
 AXIS_NAMES = {"K": 0, "J": 1, "I": 2}
@@ -252,6 +252,10 @@ class Segmenter:
         # would starve the device; none on the CPU, where a second thread running torch ops costs
         # every parallel op of the encoder its spin-wait (prefetch.py says why, with the numbers).
         self.prefetch_ahead = 0 if self.device.type == "cpu" else 1
+        if self.device.type == "cpu":
+            # Each slice's encoder tensors reuse the last slice's freed heap instead of fresh pages
+            # (core/memory.py: 17-31 thousand page faults a slice otherwise).
+            reuse_freed_heap()
 
     @property
     def method(self) -> str:
