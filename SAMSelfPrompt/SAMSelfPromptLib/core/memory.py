@@ -13,8 +13,9 @@ serves an allocation above its mmap threshold with fresh pages from the kernel, 
 first touch. It starts that threshold at 128 KB and raises it to the largest such chunk freed so far
 (at most 32 MB), and trims the heap's top beyond twice the threshold. Over an encoder run it never
 settles: measured on CT slices, 17-31 thousand page faults a slice (70-120 MB of fresh pages) and
-33-72 ms of kernel time a slice out of about 700 ms of CPU time. Fixed at glibc's own upper bounds
-(32 MB and 64 MB) from the start, the same encodes take no page faults at all (docs/RESULTS.md, Speed).
+33-72 ms of kernel time a slice out of about 700 ms of CPU time. With the mmap threshold fixed at its
+upper bound (32 MB) and the trim threshold at 256 MB, encodes after the first two take no page faults
+(docs/RESULTS.md, Speed).
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ from functools import lru_cache
 
 
 # mallopt's parameters (malloc.h) and the values reuse_freed_heap fixes them at: glibc's
-# DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, and twice it for the trim threshold, as glibc's own rule sets it.
+# DEFAULT_MMAP_THRESHOLD_MAX on 64-bit for the mmap threshold; for the trim threshold 256 MB, not the 64 MB
+# glibc's own rule would pair with it: set after the imports, 64 MB still let the heap top be trimmed
+# under a slice's working set (5-16 thousand faults on some slices), 256 MB did not after the second.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 << 20
-TRIM_THRESHOLD_BYTES = 64 << 20
+TRIM_THRESHOLD_BYTES = 256 << 20
 
 
 @lru_cache(maxsize=1)
@@ -58,9 +61,10 @@ def trim_heap() -> bool:
 
 @lru_cache(maxsize=1)
 def reuse_freed_heap() -> bool:
-    """Fix glibc's mmap and trim thresholds at their adaptive upper bounds, for the whole process and
-    once; False where there is no glibc ``mallopt``. Chunks below 32 MB then come from the heap from
-    the start, as glibc would serve them anyway once one that size had been freed."""
+    """Fix glibc's mmap and trim thresholds (32 MB and 256 MB), for the whole process and once; False where
+    there is no glibc ``mallopt``. Chunks below 32 MB then come from the heap from the start, as glibc would
+    serve them anyway once one that size had been freed, and up to 256 MB of freed heap top is kept for
+    the next slice until ``trim_heap`` returns it."""
     libc = _glibc()
     if libc is None:
         return False

@@ -30,6 +30,7 @@ from ..errors import Cancelled
 from ..io.files import atomic_write, cache_dir
 from ..modeling.backbones import SamBackbone, resolve_precision
 from ..modeling.fast_encoder import fast_encoder, runs_folded_copy
+from ..core.memory import reuse_freed_heap
 from ..core.preprocess import Frame, normalize_slice, to_model_input
 from .data import Sample
 
@@ -176,6 +177,8 @@ class DiskEmbeddingCache:
         else:
             encode = self._encoder(model)
         step = 1 if model.device.type == "cpu" else batch_size
+        if todo and model.device.type == "cpu":
+            reuse_freed_heap()  # each image's encoder tensors in the last one's freed heap (core/memory.py)
         for start in range(0, len(todo), step):
             check_cancel(cancel)
             chunk = todo[start:start + step]
