@@ -48,9 +48,9 @@ def test_bench_writes_every_key(capsys, tmp_path):
         rf"^encoder\s+{NUM} ms/slice\s+\({NUM} GFLOP/slice\); naive fp32 {NUM} ms/slice = {NUM}x$",
         rf"^FLOP-bound floor\s+{NUM} ms/slice\s+\(matmul peak {NUM} GFLOP/s float32, {NUM} \w+\); "
         rf"encoder / floor = {NUM}x$",
-        rf"^decoder, one pass\s+{NUM} ms$",
-        rf"^decoder, SAM-SP\s+{NUM} ms\s+\(no-prompt pass \+ box pass\)$",
-        rf"^click refinement\s+{NUM} ms\s+\(cached embedding, box \+ mask \+ 2 clicks\)$",
+        rf"^decoder, one pass\s+{NUM} ms\s+\(fp32 {NUM} ms\)$",
+        rf"^decoder, SAM-SP\s+{NUM} ms\s+\(no-prompt pass \+ box pass; fp32 {NUM} ms\)$",
+        rf"^click refinement\s+{NUM} ms\s+\(cached embedding, box \+ mask \+ 2 clicks; fp32 {NUM} ms = {NUM}x\)$",
         rf"^ct100\s+{NUM} s\s+\(512x512x2 CT phantom, job path: read {NUM} \+ model {NUM} \+ segment {NUM} "
         rf"\+ write {NUM} s; [0-2]/2 slices encoded\)$",
         rf"^naive ct100\s+{NUM} s\s+\(fp32, every slice: segment {NUM} s\); fast / naive = {NUM}x$",
@@ -69,7 +69,7 @@ def test_bench_writes_every_key(capsys, tmp_path):
     assert r["ct_slices"] == 2 and r["rss_slices"] == 2 and r["baseline_slices"] == 1 and r["threads"] == 1
     positive = ("encoder_ms_per_slice", "naive_encoder_ms_per_slice", "floor_ms_per_slice", "ct100_seconds",
                 "refine_ms", "peak_rss_mb_512x512x300", "decoder_ms_one_pass", "decoder_ms_samsp_pair",
-                "naive_ct100_seconds", "pipeline_s", "baseline_slices_per_s", "encoder_gflops_per_slice")
+                "naive_decoder_ms_one_pass", "naive_decoder_ms_samsp_pair", "naive_refine_ms", "naive_ct100_seconds", "pipeline_s", "baseline_slices_per_s", "encoder_gflops_per_slice")
     assert all(r[k] > 0 for k in positive), {k: r[k] for k in positive}
     assert 0.0 <= r["dice_vs_naive"] <= 1.0 and r["dice_vs_naive"] == r["phantom_dice_vs_naive"]
     # The memory run is a separate process: its peak is its own, with the model loaded and the run on top.
@@ -86,6 +86,7 @@ def test_bench_writes_every_key(capsys, tmp_path):
     np.testing.assert_allclose(r["encoder_speedup_vs_naive"],
                                r["naive_encoder_ms_per_slice"] / r["encoder_ms_per_slice"], rtol=1e-9)
     np.testing.assert_allclose(r["ct100_speedup_vs_naive"], r["naive_ct100_seconds"] / r["ct100_seconds"], rtol=1e-9)
+    np.testing.assert_allclose(r["refine_speedup_vs_naive"], r["naive_refine_ms"] / r["refine_ms"], rtol=1e-9)
     np.testing.assert_allclose(r["speedup_vs_baseline"], r["slices_per_s"] / r["baseline_slices_per_s"], rtol=1e-9)
 
 

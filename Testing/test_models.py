@@ -226,6 +226,47 @@ def test_decode_matches_segment_anything_mask_decoder(lite_model):
         torch.testing.assert_close(got_iou, want_iou, atol=1e-4, rtol=0)
 
 
+@torch.no_grad()
+def test_image_tokens_are_projected_in_the_asked_dtype_and_nothing_else(lite_model):
+    """``image_projections_in(bf16)``: the decoder's ten projections of its 4096 image tokens run in bf16,
+    the prompt tokens' projections and the rest of the pass in fp32. The pass is then close to fp32 but not
+    equal; outside the context it is fp32 again; a weight changed in place (training) is cast again."""
+    import copy
+
+    from segment_anything.modeling.transformer import Attention
+
+    from SAMSelfPromptLib.modeling.backbones import image_projections_in
+
+    model = copy.deepcopy(lite_model)
+    gen = torch.Generator().manual_seed(5)
+    emb = torch.randn(1, 256, 64, 64, generator=gen) * 0.3
+    box = _prompts(1, gen)
+    fp32, fp32_iou = model.decode(emb, boxes=box)
+    projected = []
+    for m in model.mask_decoder.modules():
+        if isinstance(m, Attention):
+            for proj in (m.q_proj, m.k_proj, m.v_proj, m.out_proj):
+                proj.register_forward_hook(lambda mod, args, out: projected.append((args[0].shape[-2], out.dtype)))
+    with image_projections_in(torch.bfloat16):
+        low, low_iou = model.decode(emb, boxes=box)
+    # Only prompt-token projections went through the modules, in fp32; the image tokens' ten did not.
+    assert projected and all(rows < 1024 and dtype == torch.float32 for rows, dtype in projected)
+    assert len(projected) == 7 * 4 - 10
+    assert low.dtype == torch.float32 and not torch.equal(low, fp32)
+    assert float((low - fp32).abs().max()) < 0.5 and float(((low > 0) == (fp32 > 0)).float().mean()) > 0.995
+    assert abs(float(low_iou - fp32_iou)) < 0.02
+    again, _ = model.decode(emb, boxes=box)
+    assert torch.equal(again, fp32)  # the context is gone
+    k_proj = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj
+    k_proj.weight.mul_(0.5)  # in place, as an optimiser step does
+    changed, _ = model.decode(emb, boxes=box)
+    with image_projections_in(torch.bfloat16):
+        changed_low, _ = model.decode(emb, boxes=box)
+    assert not torch.equal(changed, fp32)
+    # cast again: the bf16 pass follows the changed weight, not the copy cast before the change
+    assert float((changed_low - changed).abs().max()) < min(0.5, float((low - changed).abs().max()))
+
+
 def test_fast_mask_head_matches_the_modules_forward_and_backward(lite_model):
     """decode() runs the output head as matrix products; values and all gradients must equal SAM's modules."""
     import copy

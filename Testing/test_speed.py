@@ -193,6 +193,30 @@ def test_fast_path_agrees_with_fp32_on_the_ct_series(ct, fast):
     assert float((got - ref).norm() / ref.norm()) < 0.03  # bf16 matmuls, fp32 convolutions: about 1%
 
 
+def test_the_fast_segmenter_projects_the_decoders_image_tokens_in_bf16(ct, fast):
+    """The Segmenter every host runs decodes with the decoder's image-token projections in its precision
+    (bf16 here), the fp32 one wholly in fp32: a real liver slice's logits are the bf16-projection pass's on
+    the cached embedding, and within a small margin of the fp32 pass's."""
+    if fast.precision == "fp32":
+        pytest.skip("this CPU has no native bf16: the fast path is the fp32 path")
+    from SAMSelfPromptLib.core.orientation import SliceStack
+
+    volume, _ = ct
+    opts = fast.resolved(SegmentOptions(slice_range=(10, 11), skip_slices=False))
+    (result,) = list(fast.segment(volume, opts))
+    assert result.box_source == "self" and result.mask.any()
+    stack = SliceStack.of(volume, 0)
+    (_, embs, frames), = list(fast.embeddings(volume, stack, [10], fast.intensity_for(volume, opts), 1))
+    fallback = torch.as_tensor(frames[0].full_box())[None]
+    with fast._decoding():
+        low = fast._sam_sp(embs, fallback, opts.empty_y0).y1
+    with fast._decoding("fp32"):
+        exact = fast._sam_sp(embs, fallback, opts.empty_y0).y1
+    assert torch.equal(result.logits, low.reshape(result.logits.shape))
+    assert not torch.equal(low, exact) and float((low - exact).abs().max()) < 0.5
+    assert float(((low > 0) == (exact > 0)).float().mean()) > 0.999
+
+
 def test_a_checkpoints_fp32_stages_run_in_fp32_on_the_fast_path(ct, fast):
     """A checkpoint whose metadata names ``encoder_fp32_stages`` (left-atrium-mr: stage 2) gets a fast encoder
     that runs those stages in fp32: its embedding of a real slice is closer to the fp32 module's, and the shipped

@@ -330,12 +330,19 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None
     pts = torch.tensor([[[120.0, 120.0], [60.0, 60.0]]], device=device)
     lbl = torch.tensor([[1, 0]], device=device)
     prev = torch.zeros(1, 1, 256, 256, device=device)
-    with torch.no_grad():  # the decoder runs in fp32, as in the Segmenter
-        dec_s = _time(lambda: model.decode(emb, boxes=box), device, repeat=dec_repeat, warmup=dec_warmup)
-        pair_s = _time(lambda: (model.decode(emb), model.decode(emb, boxes=box)), device, repeat=dec_repeat,
-                       warmup=dec_warmup)
-        refine_s = _time(lambda: model.decode(emb, boxes=box, points=(pts, lbl), mask_logits=prev), device,
-                         repeat=dec_repeat, warmup=dec_warmup)
+
+    def decoder_times(precision: str) -> tuple[float, float, float]:
+        """One pass, a SAM-SP pair and a click refinement, in the Segmenter's decoding context at ``precision``."""
+        with seg._decoding(precision):
+            one = _time(lambda: model.decode(emb, boxes=box), device, repeat=dec_repeat, warmup=dec_warmup)
+            pair = _time(lambda: (model.decode(emb), model.decode(emb, boxes=box)), device, repeat=dec_repeat,
+                         warmup=dec_warmup)
+            click = _time(lambda: model.decode(emb, boxes=box, points=(pts, lbl), mask_logits=prev), device,
+                          repeat=dec_repeat, warmup=dec_warmup)
+        return one, pair, click
+
+    dec_s, pair_s, refine_s = decoder_times(seg.precision)  # what every host runs
+    naive_dec_s, naive_pair_s, naive_refine_s = decoder_times("fp32")
 
     flops, conv_flops = encoder_flops(seg)
     peak32, _ = matmul_peak(device, torch.float32)
@@ -395,6 +402,8 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None
         "floor_ms_per_slice": floor_s * 1e3, "encoder_vs_floor": enc_s / floor_s,
         "naive_floor_ms_per_slice": flops / peak32 * 1e3,
         "decoder_ms_one_pass": dec_s * 1e3, "decoder_ms_samsp_pair": pair_s * 1e3, "refine_ms": refine_s * 1e3,
+        "naive_decoder_ms_one_pass": naive_dec_s * 1e3, "naive_decoder_ms_samsp_pair": naive_pair_s * 1e3,
+        "naive_refine_ms": naive_refine_s * 1e3, "refine_speedup_vs_naive": naive_refine_s / refine_s,
         "ct_slices": slices, "ct_size": size,
         "ct100_seconds": fast_run["seconds"], "ct100": fast_run,
         "naive_ct100_seconds": naive_run["seconds"], "naive_ct100": naive_run,
@@ -420,9 +429,11 @@ def print_report(r: dict) -> None:
     print(f"FLOP-bound floor   {r['floor_ms_per_slice']:9.1f} ms/slice   (matmul peak {r['matmul_peak_gflops']:.0f} "
           f"GFLOP/s float32, {r['matmul_peak_fast_gflops']:.0f} {r['fast_dtype']}); encoder / floor = "
           f"{r['encoder_vs_floor']:.2f}x")
-    print(f"decoder, one pass  {r['decoder_ms_one_pass']:9.1f} ms")
-    print(f"decoder, SAM-SP    {r['decoder_ms_samsp_pair']:9.1f} ms   (no-prompt pass + box pass)")
-    print(f"click refinement   {r['refine_ms']:9.1f} ms   (cached embedding, box + mask + 2 clicks)")
+    print(f"decoder, one pass  {r['decoder_ms_one_pass']:9.1f} ms   (fp32 {r['naive_decoder_ms_one_pass']:.1f} ms)")
+    print(f"decoder, SAM-SP    {r['decoder_ms_samsp_pair']:9.1f} ms   (no-prompt pass + box pass; fp32 "
+          f"{r['naive_decoder_ms_samsp_pair']:.1f} ms)")
+    print(f"click refinement   {r['refine_ms']:9.1f} ms   (cached embedding, box + mask + 2 clicks; fp32 "
+          f"{r['naive_refine_ms']:.1f} ms = {r['refine_speedup_vs_naive']:.2f}x)")
     print(f"ct100              {r['ct100_seconds']:9.1f} s    ({r['ct_size']}x{r['ct_size']}x{r['ct_slices']} CT "
           f"phantom, job path: read {ct['read_s']:.1f} + model {ct['model_s']:.1f} + segment {ct['segment_s']:.1f} "
           f"+ write {ct['write_s']:.1f} s; {ct['encoded']}/{ct['slices']} slices encoded)")

@@ -6,6 +6,8 @@ prompts never re-encodes a slice it has seen.
 """
 from __future__ import annotations
 
+import contextlib
+
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -17,7 +19,8 @@ import torch
 from ..errors import Cancelled, InputError, OutOfMemoryError
 from ..modeling.fast_encoder import fast_encoder, runs_folded_copy
 from .volume import Volume, check_segmentable, finite_slice
-from ..modeling.backbones import SamBackbone, autocast_for, pick_device, resolve_precision
+from ..modeling.backbones import (SamBackbone, autocast_for, image_projections_in, pick_device, precision_dtype,
+                                  resolve_precision)
 from .preprocess import (Frame, Intensity, guess_intensity, logits_to_slice, normalize_slice, scale_window,
                          to_model_input)
 from .selfprompt import SelfPromptOutput, absent, box_from_logits, box_prompt, refine, self_prompt
@@ -294,6 +297,15 @@ class Segmenter:
             self._fast_encode = fast_encoder(self.model, self.precision, self.encoder_fp32_stages)
         return self._fast_encode
 
+    def _decoding(self, precision: str | None = None):
+        """The context of this Segmenter's decoder passes: no autograd, and the decoder's image tokens
+        projected at ``precision`` (default: this Segmenter's; "fp32" for the exact rechecks). Everything
+        else in a pass stays fp32 (modeling/backbones.image_projections_in says why)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(image_projections_in(precision_dtype(precision or self.precision)))
+        return stack
+
     @property
     def encoder_fp32_stages(self) -> list[int]:
         """The encoder stages the checkpoint keeps in fp32 at every precision (its metadata)."""
@@ -566,7 +578,7 @@ class Segmenter:
         ``exact`` (``_exact_encoder``): slices whose first pass is borderline are decoded again from
         an fp32 embedding (``_recheck_borderline``)."""
         dev = embs.device
-        with torch.no_grad():
+        with self._decoding():
             if boxes is not None:
                 out = []
                 for j, k in enumerate(chunk):
@@ -587,7 +599,7 @@ class Segmenter:
             else:
                 sp = self._sam_sp(embs, fallback, empty_y0, structure)
             if exact is not None:
-                self._recheck_borderline(sp, chunk, fallback, empty_y0, structure, exact)
+                self._recheck_borderline(sp, embs, chunk, fallback, empty_y0, structure, exact)
             out = []
             for j, k in enumerate(chunk):
                 if bool(sp.fallback_used[j]) and empty_y0 == "skip":
@@ -598,10 +610,11 @@ class Segmenter:
                 out.append(_result(k, sp.y1[j], frames[j], box, src, sp.iou[j]))
             return out
 
-    def _recheck_borderline(self, sp: SelfPromptOutput, chunk: list[int], fallback: torch.Tensor, empty_y0: str,
-                            structure: int, exact: Callable[[int], torch.Tensor | None]) -> None:
-        """Decode again, from an fp32 embedding, the slices whose first pass is borderline, and put their
-        results into ``sp``. Borderline: its maximum logit lies within BORDERLINE_LOGIT of 0, or it found
+    def _recheck_borderline(self, sp: SelfPromptOutput, embs: torch.Tensor, chunk: list[int], fallback: torch.Tensor,
+                            empty_y0: str, structure: int, exact: Callable[[int], torch.Tensor | None]) -> None:
+        """Decode again, from an fp32 embedding and with the decoder wholly in fp32, the slices whose first
+        pass is borderline, and put their results into ``sp`` (a slice whose cached embedding is already the
+        fp32 one, from an earlier run, is decoded again from it). Borderline: its maximum logit lies within BORDERLINE_LOGIT of 0, or it found
         something and its presence score lies within BORDERLINE_PRESENCE of the checkpoint's threshold.
 
         Whether pass 1 finds anything, and whether its presence score clears the threshold, decide
@@ -618,8 +631,9 @@ class Segmenter:
         for j in torch.nonzero(borderline).flatten().tolist():
             emb = exact(chunk[j])
             if emb is None:
-                continue
-            part = self._sam_sp(emb.to(self.device), fallback[j:j + 1], empty_y0, structure)
+                emb = embs[j:j + 1]
+            with self._decoding("fp32"):
+                part = self._sam_sp(emb.to(self.device), fallback[j:j + 1], empty_y0, structure)
             for name in ("y0", "boxes", "fallback_used", "y1", "iou"):
                 getattr(sp, name)[j] = getattr(part, name)[0]
             if sp.presence is not None and part.presence is not None:
@@ -664,7 +678,7 @@ class Segmenter:
                 else:
                     (_, embs, frames), = list(self.embeddings(volume, stack, [k], intensity, 1))
                     mbox = torch.as_tensor(frames[0].box_to_model(carry), device=embs.device)[None]
-                    with torch.no_grad():
+                    with self._decoding():
                         logits, iou = box_prompt(self.model, embs, mbox)
                     result = _result(k, logits[0], frames[0], carry, "propagated", iou)
                     if result.mask.sum() < options.min_area:
@@ -700,7 +714,7 @@ class Segmenter:
             prev_box = stack.box_in(previous.box)
             box = torch.as_tensor(frame.box_to_model(prev_box), device=embs.device)[None]
         prev_logits = previous.logits.to(embs.device) if previous is not None and previous.logits is not None else None
-        with torch.no_grad():
+        with self._decoding():
             if self.method == "promise":  # promptable mode: APM points + clicks, IPS (core/promise.py)
                 full = torch.as_tensor(frame.full_box(), device=embs.device)[None]
                 logits, iou = promise_refine(self.model, embs, full, coords, labels)

@@ -9,6 +9,8 @@ from a checkpoint file (see ``download.py`` for the consented download).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +55,31 @@ class DownloadSpec:
     filename: str
 
 
+# The dtype the decoder's image-side projections run in (None: the input's, fp32). A context variable,
+# so that a Segmenter in a worker thread and training in another never see each other's setting.
+_IMAGE_PROJECTION_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar(
+    "image_projection_dtype", default=None)
+# Inputs with at least this many rows are image tokens (64 x 64 = 4096); prompt tokens are a handful.
+IMAGE_TOKEN_ROWS = 1024
+
+
+@contextlib.contextmanager
+def image_projections_in(dtype: torch.dtype | None):
+    """Within this context every ``FusedAttention`` projects image tokens in ``dtype`` (None: fp32).
+
+    Why: the decoder's ten projections of its 4096 image tokens (the cross attentions' q, k and v of
+    image tokens, and the output projection of the image-to-token attention) are about 40% of a decoder
+    pass on the CPU in fp32, and run 3.6x faster in bf16 there. Everything else in the pass (the prompt
+    tokens, the attention itself, the residual adds, layer norms, the mask head and the IoU head) stays
+    fp32, so the logits are computed in fp32 from slightly rounded projections (docs/RESULTS.md, Speed,
+    session 16)."""
+    token = _IMAGE_PROJECTION_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _IMAGE_PROJECTION_DTYPE.reset(token)
+
+
 class FusedAttention(Attention):
     """segment-anything's decoder ``Attention`` with softmax(q k^T / sqrt(d)) v computed by
     ``F.scaled_dot_product_attention``: the same parameters, projections and head layout, and the
@@ -61,13 +88,33 @@ class FusedAttention(Attention):
     Why: in the image-to-token attention each of the 4096 image tokens attends over a handful of
     prompt tokens, and a separate softmax over rows of 9 is slow on the CPU (2.6 ms for one
     8 x 4096 x 9 map); the fused call took 1.7 ms for the whole attention against 3.1, and a decoder
-    pass 2.5-4 ms less (interleaved runs)."""
+    pass 2.5-4 ms less (interleaved runs).
+
+    Image tokens are projected in ``image_projections_in``'s dtype where one is set."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q = self._separate_heads(self.q_proj(q), self.num_heads)
-        k = self._separate_heads(self.k_proj(k), self.num_heads)
-        v = self._separate_heads(self.v_proj(v), self.num_heads)
-        return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+        q = self._separate_heads(self._project(self.q_proj, q), self.num_heads)
+        k = self._separate_heads(self._project(self.k_proj, k), self.num_heads)
+        v = self._separate_heads(self._project(self.v_proj, v), self.num_heads)
+        return self._project(self.out_proj, self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+
+    def _project(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        dtype = _IMAGE_PROJECTION_DTYPE.get()
+        if dtype is None or x.shape[-2] < IMAGE_TOKEN_ROWS or x.dtype == dtype:
+            return linear(x)
+        weight, bias = self._weights_in(linear, dtype)
+        return F.linear(x.to(dtype), weight, bias).to(x.dtype)
+
+    def _weights_in(self, linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``linear``'s weight and bias cast to ``dtype``, cast again only when they change (training)."""
+        key = (id(linear), dtype, linear.weight.device, linear.weight._version, linear.weight.data_ptr())
+        cache = self.__dict__.setdefault("_low_weights", {})
+        if key not in cache:
+            cache.clear()  # one entry per projection and dtype: drop weights that changed or moved
+            cache.update({(id(m), dtype, m.weight.device, m.weight._version, m.weight.data_ptr()):
+                          (m.weight.detach().to(dtype), None if m.bias is None else m.bias.detach().to(dtype))
+                          for m in (self.q_proj, self.k_proj, self.v_proj, self.out_proj)})
+        return cache[key]
 
 
 def fuse_decoder_attention(decoder: nn.Module) -> int:
@@ -507,6 +554,11 @@ def resolve_precision(device: torch.device, requested: str | None = None) -> str
     if device.type == "mps":
         return "fp16"
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The reduced dtype a resolved precision names; None for fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def autocast_for(device: torch.device, precision: str | None = None, *, training: bool = False):

@@ -30,7 +30,8 @@ autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
   error from 1.7% to 0.9% (relative L2) for about 13% more time per slice (interleaved runs), and the
   left-atrium masks' agreement with the naive fp32 path from 0.9937 to 0.997 (docs/RESULTS.md, Speed).
 
-The mask decoder stays fp32 (it is not under autocast). Nothing needs tracing or compiling:
+The mask decoder is not under autocast: it runs in fp32 except its projections of the image tokens
+(``backbones.image_projections_in``, set by the Segmenter). Nothing needs tracing or compiling:
 the copy is built in milliseconds, so it pays from the first slice. (A TorchScript trace of the
 module, used for long fp32 runs until session 14, cost 14 s to build and was slower than this copy
 in fp32; ``torch.compile`` of the copy took 144 s to build for 7% a slice.)
