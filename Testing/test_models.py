@@ -226,6 +226,23 @@ def test_decode_matches_segment_anything_mask_decoder(lite_model):
         torch.testing.assert_close(got_iou, want_iou, atol=1e-4, rtol=0)
 
 
+def test_attention_over_a_few_keys_is_computed_key_major_with_the_same_values():
+    """``attend``: 4096 queries over 7 keys (the image-to-token attention) take the key-major path, a few
+    queries over 4096 keys the fused call; both equal softmax(q k^T / sqrt(d)) v, gradients included."""
+    from SAMSelfPromptLib.modeling import backbones
+
+    gen = torch.Generator().manual_seed(6)
+    for n_q, n_k in ((4096, 7), (7, 4096), (5, 5)):
+        q, k, v = (torch.randn(1, 8, n, 16, generator=gen, requires_grad=True) for n in (n_q, n_k, n_k))
+        got = backbones.attend(q, k, v)
+        want = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1) @ v
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        upstream = torch.randn(got.shape, generator=gen)
+        for g, w in zip(torch.autograd.grad(got, (q, k, v), upstream), torch.autograd.grad(want, (q, k, v), upstream)):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert 7 <= backbones.SHORT_KEYS < 4096
+
+
 @torch.no_grad()
 def test_image_tokens_are_projected_in_the_asked_dtype_and_nothing_else(lite_model):
     """``image_projections_in(bf16)``: the decoder's ten projections of its 4096 image tokens run in bf16,

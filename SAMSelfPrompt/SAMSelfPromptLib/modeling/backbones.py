@@ -80,15 +80,29 @@ def image_projections_in(dtype: torch.dtype | None):
         _IMAGE_PROJECTION_DTYPE.reset(token)
 
 
-class FusedAttention(Attention):
-    """segment-anything's decoder ``Attention`` with softmax(q k^T / sqrt(d)) v computed by
-    ``F.scaled_dot_product_attention``: the same parameters, projections and head layout, and the
-    same values up to float rounding (``Testing/test_models.py``).
+# At most this many keys (prompt tokens) and more queries than that: the scores are computed key-major.
+SHORT_KEYS = 32
 
-    Why: in the image-to-token attention each of the 4096 image tokens attends over a handful of
-    prompt tokens, and a separate softmax over rows of 9 is slow on the CPU (2.6 ms for one
-    8 x 4096 x 9 map); the fused call took 1.7 ms for the whole attention against 3.1, and a decoder
-    pass 2.5-4 ms less (interleaved runs).
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over B x heads x tokens x d.
+
+    In the image-to-token attention 4096 image tokens each attend over a handful of prompt tokens. A
+    softmax along 8 x 4096 rows of 7 is slow on the CPU, inside ``F.scaled_dot_product_attention`` too
+    (2.1 ms a call); with the scores key-major (B x heads x keys x queries) it runs across 7 rows of
+    4096 and the call takes 0.3 ms, the same values to 1e-6 (docs/RESULTS.md, Speed, session 16).
+    Everything else goes to the fused call."""
+    if k.shape[-2] <= SHORT_KEYS < q.shape[-2]:
+        scores = torch.matmul(k, q.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return torch.matmul(torch.softmax(scores, dim=-2).transpose(-2, -1), v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class FusedAttention(Attention):
+    """segment-anything's decoder ``Attention`` with softmax(q k^T / sqrt(d)) v computed by ``attend``:
+    the same parameters, projections and head layout, and the same values up to float rounding
+    (``Testing/test_models.py``). Separate matmuls and a softmax along rows of 7-9 prompt tokens took
+    3.1 ms for the image-to-token attention on the CPU; ``attend`` computes it in well under one.
 
     Image tokens are projected in ``image_projections_in``'s dtype where one is set."""
 
@@ -96,7 +110,7 @@ class FusedAttention(Attention):
         q = self._separate_heads(self._project(self.q_proj, q), self.num_heads)
         k = self._separate_heads(self._project(self.k_proj, k), self.num_heads)
         v = self._separate_heads(self._project(self.v_proj, v), self.num_heads)
-        return self._project(self.out_proj, self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self._project(self.out_proj, self._recombine_heads(attend(q, k, v)))
 
     def _project(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         dtype = _IMAGE_PROJECTION_DTYPE.get()
