@@ -69,7 +69,8 @@ def test_bench_writes_every_key(capsys, tmp_path):
     assert r["ct_slices"] == 2 and r["rss_slices"] == 2 and r["baseline_slices"] == 1 and r["threads"] == 1
     positive = ("encoder_ms_per_slice", "naive_encoder_ms_per_slice", "floor_ms_per_slice", "ct100_seconds",
                 "refine_ms", "peak_rss_mb_512x512x300", "decoder_ms_one_pass", "decoder_ms_samsp_pair",
-                "naive_decoder_ms_one_pass", "naive_decoder_ms_samsp_pair", "naive_refine_ms", "naive_ct100_seconds", "pipeline_s", "baseline_slices_per_s", "encoder_gflops_per_slice")
+                "naive_decoder_ms_one_pass", "naive_decoder_ms_samsp_pair", "naive_refine_ms", "naive_ct100_seconds",
+                "pipeline_s", "baseline_slices_per_s", "encoder_gflops_per_slice")
     assert all(r[k] > 0 for k in positive), {k: r[k] for k in positive}
     assert 0.0 <= r["dice_vs_naive"] <= 1.0 and r["dice_vs_naive"] == r["phantom_dice_vs_naive"]
     # The memory run is a separate process: its peak is its own, with the model loaded and the run on top.

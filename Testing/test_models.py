@@ -238,7 +238,8 @@ def test_attention_over_a_few_keys_is_computed_key_major_with_the_same_values():
         want = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1) @ v
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         upstream = torch.randn(got.shape, generator=gen)
-        for g, w in zip(torch.autograd.grad(got, (q, k, v), upstream), torch.autograd.grad(want, (q, k, v), upstream)):
+        grads = zip(torch.autograd.grad(got, (q, k, v), upstream), torch.autograd.grad(want, (q, k, v), upstream))
+        for g, w in grads:
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     assert 7 <= backbones.SHORT_KEYS < 4096
 

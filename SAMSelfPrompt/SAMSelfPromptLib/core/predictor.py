@@ -7,7 +7,6 @@ prompts never re-encodes a slice it has seen.
 from __future__ import annotations
 
 import contextlib
-
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -614,8 +613,9 @@ class Segmenter:
                             empty_y0: str, structure: int, exact: Callable[[int], torch.Tensor | None]) -> None:
         """Decode again, from an fp32 embedding and with the decoder wholly in fp32, the slices whose first
         pass is borderline, and put their results into ``sp`` (a slice whose cached embedding is already the
-        fp32 one, from an earlier run, is decoded again from it). Borderline: its maximum logit lies within BORDERLINE_LOGIT of 0, or it found
-        something and its presence score lies within BORDERLINE_PRESENCE of the checkpoint's threshold.
+        fp32 one, from an earlier run, is decoded again from it). Borderline: its maximum logit lies within
+        BORDERLINE_LOGIT of 0, or it found something and its presence score lies within BORDERLINE_PRESENCE
+        of the checkpoint's threshold.
 
         Whether pass 1 finds anything, and whether its presence score clears the threshold, decide
         whether a slice is painted at all. bf16's ~1-2% embedding error moved left-atrium-mr's pass-1
