@@ -283,6 +283,12 @@ def test_image_tokens_are_projected_in_the_asked_dtype_and_nothing_else(lite_mod
     assert not torch.equal(changed, fp32)
     # cast again: the bf16 pass follows the changed weight, not the copy cast before the change
     assert float((changed_low - changed).abs().max()) < min(0.5, float((low - changed).abs().max()))
+    v_proj = model.mask_decoder.transformer.final_attn_token_to_image.v_proj
+    v_proj.bias.add_(1.0)  # a bias alone changed in place
+    biased, _ = model.decode(emb, boxes=box)
+    with image_projections_in(torch.bfloat16):
+        biased_low, _ = model.decode(emb, boxes=box)
+    assert float((biased_low - biased).abs().max()) < min(0.5, float((changed_low - biased).abs().max()))
 
 
 def test_fast_mask_head_matches_the_modules_forward_and_backward(lite_model):

@@ -121,14 +121,21 @@ class FusedAttention(Attention):
 
     def _weights_in(self, linear: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``linear``'s weight and bias cast to ``dtype``, cast again only when they change (training)."""
-        key = (id(linear), dtype, linear.weight.device, linear.weight._version, linear.weight.data_ptr())
         cache = self.__dict__.setdefault("_low_weights", {})
+        key = _cast_key(linear, dtype)
         if key not in cache:
             cache.clear()  # one entry per projection and dtype: drop weights that changed or moved
-            cache.update({(id(m), dtype, m.weight.device, m.weight._version, m.weight.data_ptr()):
-                          (m.weight.detach().to(dtype), None if m.bias is None else m.bias.detach().to(dtype))
+            cache.update({_cast_key(m, dtype): (m.weight.detach().to(dtype),
+                                                None if m.bias is None else m.bias.detach().to(dtype))
                           for m in (self.q_proj, self.k_proj, self.v_proj, self.out_proj)})
         return cache[key]
+
+
+def _cast_key(linear: nn.Linear, dtype: torch.dtype) -> tuple:
+    """What a cast copy of ``linear``'s parameters depends on: the layer, the dtype, and each parameter's
+    storage and in-place version (an optimiser step bumps it)."""
+    params = [p for p in (linear.weight, linear.bias) if p is not None]
+    return (id(linear), dtype, *((p.device, p.data_ptr(), p._version) for p in params))
 
 
 def fuse_decoder_attention(decoder: nn.Module) -> int:
@@ -584,7 +591,7 @@ def autocast_for(device: torch.device, precision: str | None = None, *, training
     p = resolve_precision(device, precision)
     if p == "fp32":
         return torch.autocast(device.type if device.type in ("cuda", "cpu", "mps") else "cpu", enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=precision_dtype(p))
 
 
 def upsample_logits(low_res: torch.Tensor, image_size: int) -> torch.Tensor:
