@@ -356,6 +356,59 @@ def test_fused_blocks_compute_what_the_blocks_compute(fast):
     assert sum(isinstance(m, FusedPatchMerging) for m in fused.modules()) == len(mergings)
 
 
+def test_every_linear_layer_of_the_fast_copy_is_one_onednn_call_with_its_gelu(fast):
+    """The fast copy runs each of TinyViT's linear layers as one oneDNN call, an MLP's first one with its
+    GELU: in fp32 the values of ``F.linear`` (and GELU), under bf16 autocast bf16 out, close to fp32, from
+    weights cast once; and the whole copy's embedding stays the module's in fp32 and close to it in bf16."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from SAMSelfPromptLib.modeling.fast_encoder import FusedLinear, can_fuse, fast_encoder, inference_encoder
+
+    if not can_fuse():
+        pytest.skip("this torch build has no oneDNN fused linear layers: the encoder keeps plain ones")
+    module = fast.model.image_encoder
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    mlps = [m for m in module.modules() if type(m).__name__ == "Mlp"]
+    copy = inference_encoder(fast.model)
+    fused = [m for m in copy.modules() if isinstance(m, FusedLinear)]
+    assert len(fused) == len(linears) and not any(isinstance(m, nn.Linear) for m in copy.modules())
+    copied_mlps = [m for m in copy.modules() if type(m).__name__ == "Mlp"]
+    assert len(copied_mlps) == len(mlps) > 0
+    for mlp, original in zip(copied_mlps, mlps):
+        assert mlp.fc1.activation == "gelu" and isinstance(mlp.act, nn.Identity)
+        x = torch.randn(1, 300, original.fc1.in_features)
+        with torch.no_grad():
+            want = F.gelu(original.fc1(x))
+            got = mlp.fc1(x)
+            assert got.dtype == torch.float32
+            assert float((got - want).norm() / want.norm()) < 1e-5
+            with autocast_for(CPU, "bf16"):
+                low = mlp.fc1(x)
+                assert low.dtype == torch.bfloat16 and float((low.float() - want).norm() / want.norm()) < 1e-2
+                cast_once = mlp.fc1._weights(torch.bfloat16)[0]
+                mlp.fc1(x)
+                assert mlp.fc1._weights(torch.bfloat16)[0] is cast_once
+            plain = original.fc2(want)
+            assert float((mlp.fc2(want) - plain).norm() / plain.norm()) < 1e-5
+    # The whole copy on a real CT slice: fp32 within rounding of the module, bf16 within its usual ~2%.
+    image = ct_model_input(10)
+    encode = fast_encoder(fast.model, "bf16")
+    with torch.no_grad():
+        reference = module(fast.model.normalize(image))
+        assert float((encode(image, "fp32") - reference).norm() / reference.norm()) < 1e-4
+        assert float((encode(image, "bf16") - reference).norm() / reference.norm()) < 0.03
+
+
+def ct_model_input(k: int) -> torch.Tensor:
+    """Slice ``k`` of the CT series as the CT model's input (1 x 3 x 256 x 256, abdomen window)."""
+    from SAMSelfPromptLib.core.preprocess import normalize_slice, to_model_input
+    from SAMSelfPromptLib.io import read_image
+
+    array = read_image(shared_path("ct_totalseg", "ct.nii.gz")).array
+    return to_model_input(normalize_slice(array[k], Intensity("CT", -160.0, 240.0)), 256)[0][None]
+
+
 def test_window_attention_in_chunks_computes_what_all_windows_at_once_compute(fast):
     """Each TinyViT window attention of the fast copy runs a few windows at a time (a lower peak), with the
     same values as all the windows in one call, in fp32 and under bf16 autocast."""

@@ -126,8 +126,8 @@ class _Banded(nn.Module):
             raise ValueError(f"{name}'s bands assume a 3x3, padding-1 depthwise convolution")
         self.band_rows = band_rows
 
-    def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-        """The block's output rows [top, bottom)."""
+    def _band(self, x: torch.Tensor, top: int, bottom: int, out: torch.Tensor) -> None:
+        """Write the block's output rows [top, bottom) into ``out`` (a view of those rows)."""
         raise NotImplementedError
 
     def _depthwise_rows(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
@@ -148,16 +148,13 @@ class _Banded(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             x = x.float().contiguous(memory_format=torch.channels_last)
-            rows = (x.shape[2] - 1) // self.depthwise.stride[0] + 1  # output rows of a 3x3, padding-1 conv
-            if rows <= self.band_rows:
-                return self._band(x, 0, rows)
-            out = None
+            # output rows and columns of a 3x3, padding-1 conv
+            rows, cols = ((n - 1) // s + 1 for n, s in zip(x.shape[2:], self.depthwise.stride))
+            out = torch.empty((x.shape[0], self.project.out_channels, rows, cols), dtype=x.dtype,
+                              device=x.device, memory_format=torch.channels_last)
             for top in range(0, rows, self.band_rows):
-                band = self._band(x, top, min(top + self.band_rows, rows))
-                if out is None:  # the output's channels and width are known from the first band
-                    out = torch.empty((band.shape[0], band.shape[1], rows, band.shape[3]), dtype=band.dtype,
-                                      device=band.device, memory_format=torch.channels_last)
-                out[:, :, top:top + band.shape[2]] = band
+                bottom = min(top + self.band_rows, rows)
+                self._band(x, top, bottom, out[:, :, top:bottom])  # rows of a channels-last map: contiguous
             return out
 
 
@@ -171,13 +168,14 @@ class FusedMBConv(_Banded):
         if tuple(self.depthwise.stride) != (1, 1):
             raise ValueError("FusedMBConv needs a stride-1 depthwise convolution (its input is added to its output)")
 
-    def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+    def _band(self, x: torch.Tensor, top: int, bottom: int, out: torch.Tensor) -> None:
         y = self._depthwise_rows(x, top, bottom)
-        # project(y) + x in one call; oneDNN has no GELU after a sum post-op, so that one runs apart.
+        # project(y) + x in one call; oneDNN has no GELU after a sum post-op, so that one runs apart,
+        # straight into the output rather than into a band that is then copied there.
         y = torch.ops.mkldnn._convolution_pointwise.binary(
             y, x[:, :, top:bottom].contiguous(memory_format=torch.channels_last), self.project.weight,
             self.project.bias, *_geometry(self.project), "add", None, None, [], None)
-        return F.gelu(y)
+        torch.ops.aten.gelu.out(y, out=out)
 
 
 class FusedPatchMerging(_Banded):
@@ -190,14 +188,66 @@ class FusedPatchMerging(_Banded):
         super().__init__(block, band_rows)
         self.input_resolution = tuple(block.input_resolution)
 
-    def _band(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-        return _conv(self._depthwise_rows(x, top, bottom), self.project)
+    def _band(self, x: torch.Tensor, top: int, bottom: int, out: torch.Tensor) -> None:
+        out.copy_(_conv(self._depthwise_rows(x, top, bottom), self.project))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:  # tokens from the stage before: B x H*W x C -> B x C x H x W
             h, w = self.input_resolution
             x = x.view(len(x), h, w, -1).permute(0, 3, 1, 2)
         return super().forward(x).flatten(2).transpose(1, 2)
+
+
+class FusedLinear(nn.Module):
+    """An ``nn.Linear``, and optionally the exact GELU after it, as one oneDNN call (``_linear_pointwise``).
+
+    Under a CPU bf16 autocast it runs on bf16 copies of the weights, cast once (the copy is a snapshot):
+    autocast casts a weight on every call when it does not require grad. Either way the bias (and GELU)
+    are applied to the fp32 accumulator before the one rounding to the output's dtype. What that saves:
+    ``F.linear`` under autocast first writes the bias, broadcast, into the whole output, and a separate
+    bf16 GELU over TinyViT's first attention stage (16384 x 512 values a block) cost more than the
+    product before it (docs/RESULTS.md, Speed, session 17)."""
+
+    def __init__(self, linear: nn.Linear, activation: str = "none"):
+        super().__init__()
+        if activation not in ("none", "gelu"):
+            raise ValueError(f"FusedLinear fuses no activation or an exact GELU, not {activation!r}")
+        self.weight, self.bias = linear.weight, linear.bias
+        self.activation = activation
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if dtype == self.weight.dtype:
+            return self.weight, self.bias
+        if dtype not in self._cast:
+            bias = None if self.bias is None else self.bias.detach().to(dtype)
+            self._cast[dtype] = (self.weight.detach().to(dtype), bias)
+        return self._cast[dtype]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            dtype = torch.bfloat16
+        weight, bias = self._weights(dtype)
+        algorithm = "none" if self.activation == "gelu" else ""  # "none": the erf GELU, TinyViT's
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, self.activation, [], algorithm)
+
+
+def fuse_linears(module: nn.Module) -> int:
+    """Replace every ``nn.Linear`` child by a ``FusedLinear``, in place, an MLP's first layer fused with its
+    exact GELU (TinyViT's ``Mlp``: norm, fc1, act, drop, fc2, drop); the number replaced."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if type(child).__name__ == "Mlp" and isinstance(getattr(child, "act", None), nn.GELU) \
+                and child.act.approximate == "none" and isinstance(child.fc1, nn.Linear):
+            child.fc1, child.act = FusedLinear(child.fc1, "gelu"), nn.Identity()
+            n += 1 + fuse_linears(child)
+        elif isinstance(child, nn.Linear):
+            setattr(module, name, FusedLinear(child))
+            n += 1
+        else:
+            n += fuse_linears(child)
+    return n
 
 
 class WindowChunkedAttention(nn.Module):
@@ -243,7 +293,8 @@ def chunk_window_attention(module: nn.Module) -> int:
 
 def can_fuse() -> bool:
     """oneDNN's fused convolutions exist in this torch build (x86 and most ARM CPU builds)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(torch.ops.mkldnn, op) for op in ("_convolution_pointwise", "_linear_pointwise"))
 
 
 def _exact_gelus(block: nn.Module) -> bool:
@@ -293,6 +344,7 @@ def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = 
         fold_conv_bn(enc)
     if fuse and fp32_convs and model.device.type == "cpu" and can_fuse():
         fuse_blocks(enc)  # before keep_convs_fp32, which would wrap the convolutions it takes
+        fuse_linears(enc)
     if fp32_convs:
         keep_convs_fp32(enc)
     if model.device.type == "cpu":  # a lower peak of host memory; on a GPU it would only add kernel launches
