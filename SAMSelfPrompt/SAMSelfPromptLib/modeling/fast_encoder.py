@@ -22,6 +22,10 @@ autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
   (one interleaved run), with the same fp32 arithmetic.
 - **Those blocks run in bands of rows** (``_Banded``): the same values, with intermediates of a few
   MB instead of 32-64 MB, so less memory traffic and a lower peak (docs/RESULTS.md, Speed).
+- **Every linear layer is one oneDNN call** (``FusedLinear``): the bias, and in each MLP the GELU after
+  the first layer, applied to the fp32 accumulator, with bf16 weights cast once. In bf16 that took a
+  few percent off a slice (the 16384 x 512 GELU of the first attention stage cost more than its
+  product); in fp32 (CPUs without native bf16, and the exact re-encodes) about a quarter.
 - **Window attention runs a few windows at a time** (``WindowChunkedAttention``): the same values,
   and the encoder's peak of live tensors falls from 80 to 59 MB a slice (it was in the second
   stage's attention over 361 windows), at the same speed.
