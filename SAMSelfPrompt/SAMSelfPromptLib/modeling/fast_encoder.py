@@ -202,6 +202,16 @@ class FusedPatchMerging(_Banded):
         return super().forward(x).flatten(2).transpose(1, 2)
 
 
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype of the CPU autocast in force here, or None. (torch 2.4 and later take a device type; the
+    Slicer module accepts torch from 2.2, which has CPU-only functions for it.)"""
+    try:
+        on, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except (TypeError, AttributeError):
+        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return dtype if on else None
+
+
 class FusedLinear(nn.Module):
     """An ``nn.Linear``, and optionally the exact GELU after it, as one oneDNN call (``_linear_pointwise``).
 
@@ -229,9 +239,7 @@ class FusedLinear(nn.Module):
         return self._cast[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float32
-        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-            dtype = torch.bfloat16
+        dtype = torch.bfloat16 if _cpu_autocast_dtype() == torch.bfloat16 else torch.float32
         weight, bias = self._weights(dtype)
         algorithm = "none" if self.activation == "gelu" else ""  # "none": the erf GELU, TinyViT's
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, self.activation, [], algorithm)
