@@ -311,6 +311,15 @@ def test_fast_mask_head_matches_the_modules_forward_and_backward(lite_model):
     wrt = [tokens, hyper, *up.parameters()]
     for got, want in zip(torch.autograd.grad(fast, wrt, upstream), torch.autograd.grad(ref, wrt, upstream)):
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    # Inference (no gradient wanted) takes oneDNN's fused linear on the CPU: the same values.
+    from SAMSelfPromptLib.modeling import mask_head
+
+    rows = tokens.detach().reshape(-1, 256)
+    with torch.no_grad():
+        assert mask_head._onednn_fits(rows, up[0]) == torch.backends.mkldnn.is_available()
+        inferred = upscaled_logits(up, tokens, hyper, h, w)
+    assert not mask_head._onednn_fits(rows.requires_grad_(True), up[0])  # training keeps addmm's backward
+    torch.testing.assert_close(inferred, ref.detach(), atol=1e-4, rtol=1e-4)
 
 
 def test_the_cached_positional_encoding_follows_its_matrix(lite_model):

@@ -38,13 +38,35 @@ def _block_matrix(conv: nn.ConvTranspose2d) -> torch.Tensor:
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
-def _block_product(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """Rows of ``x`` (... x C_in) -> their 2 x 2 output blocks, one row each (N x 4*C_out), bias added.
+def _block_rows(conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """``_block_matrix`` transposed, (2 * 2 * C_out) x C_in, as oneDNN's linear takes a weight."""
+    return conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.weight.shape[0])
 
-    One ``addmm``: the bias is repeated per block column (di, dj, out). Against a product and then a
-    broadcast add of the bias, the values are equal and the second level took 2 ms instead of 7 on
-    the 2-core CPU (its 8 MB product is then not read and written again)."""
-    return torch.addmm(conv.bias.repeat(4), x.reshape(-1, x.shape[-1]), _block_matrix(conv))
+
+def _onednn_fits(x: torch.Tensor, conv: nn.ConvTranspose2d) -> bool:
+    """oneDNN's fused linear can run this product: on the CPU, where no gradient is wanted (it has no
+    backward; training takes ``addmm``)."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or conv.bias.requires_grad)
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not wants_grad
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _block_product(x: torch.Tensor, conv: nn.ConvTranspose2d, gelu: bool = False) -> torch.Tensor:
+    """Rows of ``x`` (... x C_in) -> their 2 x 2 output blocks, one row each (N x 4*C_out), bias added,
+    then the exact GELU if ``gelu``.
+
+    One product with the bias repeated per block column (di, dj, out), so the 8 MB product of the second
+    level is not read and written again for the bias: against a product and then a broadcast add, the
+    values are equal and that level took 2 ms instead of 7 on the 2-core CPU. For inference on the CPU,
+    oneDNN's fused linear also applies the GELU to the accumulator, and skips ``addmm``'s copy of the
+    bias into the output first: the whole head took 5.7 against 8.7 ms (docs/RESULTS.md, Speed, session 17)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if _onednn_fits(rows, conv):
+        activation, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": the erf GELU
+        return torch.ops.mkldnn._linear_pointwise(rows, _block_rows(conv), conv.bias.repeat(4), activation, [],
+                                                  algorithm)
+    out = torch.addmm(conv.bias.repeat(4), rows, _block_matrix(conv))
+    return F.gelu(out) if gelu else out
 
 
 def upscaled_logits(upscaling: nn.Sequential, tokens: torch.Tensor, hyper: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -56,7 +78,7 @@ def upscaled_logits(upscaling: nn.Sequential, tokens: torch.Tensor, hyper: torch
     x = _block_product(tokens, conv1).reshape(b, h * w * 4, c1)
     x = F.gelu(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
     # Level 2: each level-1 pixel -> a 2 x 2 block of c2 channels. Rows: (b, i, j, di, dj, ei, ej).
-    x = F.gelu(_block_product(x, conv2).reshape(b, h * w * 16, c2))
+    x = _block_product(x, conv2, gelu=True).reshape(b, h * w * 16, c2)
     logits = x @ hyper.unsqueeze(2)  # B x (h*w*16) x 1
     # Output row = 4i + 2di + ei, column = 4j + 2dj + ej.
     logits = logits.reshape(b, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
