@@ -46,7 +46,7 @@ def _block_rows(conv: nn.ConvTranspose2d) -> torch.Tensor:
 def _onednn_fits(x: torch.Tensor, conv: nn.ConvTranspose2d) -> bool:
     """oneDNN's fused linear can run this product: on the CPU, where no gradient is wanted (it has no
     backward; training takes ``addmm``)."""
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or conv.bias.requires_grad)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, conv.weight, conv.bias))
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not wants_grad
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
