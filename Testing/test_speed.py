@@ -409,21 +409,42 @@ def ct_model_input(k: int) -> torch.Tensor:
     return to_model_input(normalize_slice(array[k], Intensity("CT", -160.0, 240.0)), 256)[0][None]
 
 
-def test_window_attention_in_chunks_computes_what_all_windows_at_once_compute(fast):
-    """Each TinyViT window attention of the fast copy runs a few windows at a time (a lower peak), with the
-    same values as all the windows in one call, in fp32 and under bf16 autocast."""
-    from SAMSelfPromptLib.modeling.fast_encoder import WindowChunkedAttention, inference_encoder
+def test_attention_blocks_taken_a_band_of_windows_at_a_time_compute_what_tinyvit_blocks_compute(fast):
+    """The fast copy's ``FusedViTBlock`` (windows a band at a time, the scale in the query weights, the
+    local convolution on the tokens in place) computes each TinyViT block's values: in fp32 within
+    rounding, under bf16 autocast close to them and to the block's own bf16; and the band size changes
+    no value (one window row a band, or the whole map at once)."""
+    import copy
 
-    enc = inference_encoder(fast.model)
-    wrapped = [m for m in enc.modules() if isinstance(m, WindowChunkedAttention)]
-    assert len(wrapped) == sum(type(m).__name__ == "Attention" for m in fast.model.image_encoder.modules()) > 0
-    for chunked in wrapped:
-        tokens = chunked.attention.attention_bias_idxs.shape[0]
-        windows = 2 * chunked.windows_per_chunk + 1  # two whole chunks and a short one
-        x = torch.randn(windows, tokens, chunked.attention.norm.normalized_shape[0])
-        for bf16 in (False, True):
-            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                assert torch.equal(chunked(x), chunked.attention(x))
+    from SAMSelfPromptLib.modeling.fast_encoder import (FusedViTBlock, fold_conv_bn, inference_encoder,
+                                                        keep_convs_fp32)
+
+    module = copy.deepcopy(fast.model.image_encoder).eval()
+    with torch.no_grad():
+        fold_conv_bn(module)
+    keep_convs_fp32(module)  # as in the fast copy: the local convolutions stay fp32 under autocast
+    blocks = [m for m in module.modules() if type(m).__name__ == "TinyViTBlock"]
+    fused = [m for m in inference_encoder(fast.model).modules() if isinstance(m, FusedViTBlock)]
+    assert len(fused) == len(blocks) > 0
+    assert {b.window_size for b in blocks} == {7, 14}, "LiteMedSAM's stages attend in 7 x 7 and 14 x 14 windows"
+    assert any(b.input_resolution[0] % b.window_size for b in blocks), "some maps need padding to whole windows"
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+    torch.manual_seed(0)
+    for block in blocks:
+        h, w = block.input_resolution
+        x = torch.randn(1, h * w, block.dim)
+        one_row, whole = FusedViTBlock(block, max_score_elements=1), FusedViTBlock(block, max_score_elements=1 << 40)
+        assert one_row.rows_per_band == 1 and whole.rows_per_band >= whole.window_rows > 1
+        with torch.no_grad():
+            want = block(x)
+            got = one_row(x)
+            assert rel(got, want) < 1e-5, rel(got, want)
+            assert torch.equal(whole(x), got)
+            with torch.autocast("cpu", torch.bfloat16):
+                low, low_block, low_whole = one_row(x), block(x), whole(x)
+            assert low.dtype == torch.float32  # the residual stream stays fp32, as in the block
+            assert rel(low, want) < 2e-2 and rel(low, low_block) < 2e-2, (rel(low, want), rel(low, low_block))
+            assert torch.equal(low_whole, low)
 
 
 def test_embedding_cache_is_bounded_in_bytes(monkeypatch):

@@ -26,9 +26,11 @@ autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
   the first layer, applied to the fp32 accumulator, with bf16 weights cast once. In bf16 that took a
   few percent off a slice (the 16384 x 512 GELU of the first attention stage cost more than its
   product); in fp32 (CPUs without native bf16, and the exact re-encodes) about a quarter.
-- **Window attention runs a few windows at a time** (``WindowChunkedAttention``): the same values,
-  and the encoder's peak of live tensors falls from 80 to 59 MB a slice (it was in the second
-  stage's attention over 361 windows), at the same speed.
+- **Each attention block takes its windows a band at a time** (``FusedViTBlock``): padding, window
+  cuts, attention, the way back and the residual add run on a band of window rows while it is in
+  cache, the scale sits in the query weights, and the local convolution reads the tokens in place.
+  Banding the attention took the encoder's peak of live tensors from 80 to 59 MB a slice (session
+  15); doing the rest per band too took about 6% off a slice (session 18, docs/RESULTS.md, Speed).
 - **A checkpoint may keep whole stages in fp32** (``fp32_stages``). Most of the bf16 error builds
   up in stage 2's six blocks: keeping that stage in fp32 took a left-atrium MR slice's embedding
   error from 1.7% to 0.9% (relative L2) for about 13% more time per slice (interleaved runs), and the
@@ -179,7 +181,14 @@ class FusedMBConv(_Banded):
         y = torch.ops.mkldnn._convolution_pointwise.binary(
             y, x[:, :, top:bottom].contiguous(memory_format=torch.channels_last), self.project.weight,
             self.project.bias, *_geometry(self.project), "add", None, None, [], None)
-        torch.ops.aten.gelu.out(y, out=out)
+        torch.ops.aten.gelu.out(_flat(y), out=_flat(out))
+
+
+def _flat(rows: torch.Tensor) -> torch.Tensor:
+    """A channels-last map (or band of rows of one) as the 1-D view of its memory. GELU over a band of
+    64 x 16 x 256 took 0.09 ms as a 4-D channels-last tensor and 0.04 ms as this view (hot cache, 2
+    threads). ``view`` (never a copy) raises if ``rows`` is not one dense channels-last block."""
+    return rows.permute(0, 2, 3, 1).view(-1)
 
 
 class FusedPatchMerging(_Banded):
@@ -262,44 +271,90 @@ def fuse_linears(module: nn.Module) -> int:
     return n
 
 
-class WindowChunkedAttention(nn.Module):
-    """TinyViT's window ``Attention`` run on a few windows at a time.
+def _scaled_queries(attention: nn.Module) -> nn.Linear:
+    """A copy of ``attention.qkv`` whose query rows (weights and bias) carry the attention's scale, so
+    the scores come out of q @ k^T already scaled: one pass over the largest tensor of the block saved.
+    Its output holds each head's query, key and value side by side (TinyViT's layout)."""
+    qkv = attention.qkv
+    scaled = nn.Linear(qkv.in_features, qkv.out_features, device=qkv.weight.device)
+    scale = torch.ones(qkv.out_features, device=qkv.weight.device)
+    scale.view(attention.num_heads, -1)[:, :attention.key_dim] = attention.scale
+    with torch.no_grad():
+        scaled.weight.copy_(qkv.weight * scale[:, None])
+        scaled.bias.copy_(qkv.bias * scale)
+    return scaled
 
-    A TinyViT block hands its attention every window of the map at once (361 windows of 7 x 7 tokens
-    in the second stage), so the attention scores, their fp32 copy for the bias add and the softmax
-    are each a 7-18 MB tensor: the encoder's peak of live tensors sits there. Each window's attention
-    is independent of the others (layer norm, projections and softmax are all per token or per
-    window), so running ``max_score_elements`` worth of windows at a time keeps those tensors a few
-    MB and computes the same values (``Testing/test_speed.py``)."""
 
-    def __init__(self, attention: nn.Module, max_score_elements: int = 1 << 20):
+class FusedViTBlock(nn.Module):
+    """TinyViT's ``TinyViTBlock`` (window attention + residual, depthwise 3x3 "local" convolution, MLP +
+    residual) for CPU inference, with its windows taken a band of window rows at a time.
+
+    What differs from the block, all of it layout and order (``Testing/test_speed.py``):
+
+    - **Windows a band at a time.** The block pads the whole map, cuts it into windows, attends over
+      all of them at once (361 windows of 7 x 7 tokens in the first attention stage), puts them back,
+      crops and adds the residual, each a pass over the whole map. Here each band of window rows is
+      padded, cut, attended, put back and added into the output while it is in cache; the scores, their
+      fp32 copy and the softmax are a few MB instead of 7-18 MB (the encoder's peak of live tensors sat
+      there), at most ``max_score_elements`` scores a band.
+    - **The scale is in the query weights** (``_scaled_queries``), not a multiply over the scores.
+    - **The bias is added and the softmax taken in fp32**, as under autocast in the block (bf16 scores
+      plus the fp32 bias promote to fp32), and the weights go back to the value's dtype explicitly.
+    - **The local convolution reads the tokens as a channels-last map** (they are one: B x H*W x C is
+      the map's NHWC memory) and its output goes back to tokens without either of the block's copies."""
+
+    def __init__(self, block: nn.Module, max_score_elements: int = 1 << 20):
         super().__init__()
-        self.attention = attention
-        tokens = attention.attention_bias_idxs.shape[0]
-        self.windows_per_chunk = max(1, max_score_elements // (attention.num_heads * tokens * tokens))
+        attention = block.attn
+        self.height, self.width = block.input_resolution
+        self.window = block.window_size
+        self.heads, self.key_dim, self.value_dim = attention.num_heads, attention.key_dim, attention.d
+        self.norm, self.qkv, self.proj = attention.norm, _scaled_queries(attention), attention.proj
+        bias = attention.attention_biases[:, attention.attention_bias_idxs].detach().clone()
+        self.register_buffer("bias", bias, persistent=False)  # heads x tokens x tokens, as ``ab`` in eval
+        self.local_conv, self.mlp = block.local_conv, block.mlp
+        self.window_rows, self.window_cols = -(-self.height // self.window), -(-self.width // self.window)
+        scores_per_window_row = self.window_cols * self.heads * bias.shape[-1] ** 2
+        self.rows_per_band = max(1, max_score_elements // scores_per_window_row)
+
+    def attend(self, windows: torch.Tensor) -> torch.Tensor:
+        """Window attention: windows (n x tokens x C) -> n x tokens x C, in the linear layers' dtype."""
+        n, tokens, _ = windows.shape
+        qkv = self.qkv(self.norm(windows)).view(n, tokens, self.heads, -1)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=3))
+        scores = torch.matmul(q, k.transpose(-2, -1)).float().add_(self.bias)
+        weights = torch.softmax(scores, dim=-1).to(v.dtype)
+        return self.proj(torch.matmul(weights, v).transpose(1, 2).reshape(n, tokens, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = self.windows_per_chunk
-        if len(x) <= step:
-            return self.attention(x)
-        out = None
-        for start in range(0, len(x), step):
-            part = self.attention(x[start:start + step])
-            if out is None:  # dtype and width are known from the first chunk (autocast decides them)
-                out = torch.empty((len(x), *part.shape[1:]), dtype=part.dtype, device=part.device)
-            out[start:start + len(part)] = part
-        return out
+        b, length, channels = x.shape
+        w, rows, cols = self.window, self.window_rows, self.window_cols
+        grid = x.view(b, self.height, self.width, channels)
+        out = torch.empty_like(x)
+        out_grid = out.view(b, self.height, self.width, channels)
+        for first in range(0, rows, self.rows_per_band):
+            band_rows = min(rows, first + self.rows_per_band) - first
+            top, bottom = first * w, min((first + band_rows) * w, self.height)
+            band = grid[:, top:bottom]
+            padded = F.pad(band, (0, 0, 0, cols * w - self.width, 0, band_rows * w - (bottom - top)))
+            windows = padded.reshape(b, band_rows, w, cols, w, channels).transpose(2, 3).reshape(-1, w * w, channels)
+            attended = self.attend(windows).view(b, band_rows, cols, w, w, channels).transpose(2, 3)
+            attended = attended.reshape(b, band_rows * w, cols * w, channels)[:, :bottom - top, :self.width]
+            torch.add(band, attended, out=out_grid[:, top:bottom])  # the residual, fp32 as in the block
+        mapped = self.local_conv(out_grid.permute(0, 3, 1, 2))  # a channels-last view: no copy
+        x = mapped.permute(0, 2, 3, 1).reshape(b, length, channels)
+        return x + self.mlp(x)
 
 
-def chunk_window_attention(module: nn.Module) -> int:
-    """Wrap each TinyViT ``Attention`` child in ``WindowChunkedAttention``, in place; the number wrapped."""
+def fuse_vit_blocks(module: nn.Module) -> int:
+    """Replace each ``TinyViTBlock`` child by a ``FusedViTBlock``, in place; the number replaced."""
     n = 0
     for name, child in list(module.named_children()):
-        if type(child).__name__ == "Attention" and hasattr(child, "attention_bias_idxs"):
-            setattr(module, name, WindowChunkedAttention(child))
+        if type(child).__name__ == "TinyViTBlock":
+            setattr(module, name, FusedViTBlock(child))
             n += 1
         else:
-            n += chunk_window_attention(child)
+            n += fuse_vit_blocks(child)
     return n
 
 
@@ -349,18 +404,18 @@ def keep_stages_fp32(encoder: nn.Module, stages: Sequence[int]) -> None:
 def inference_encoder(model: SamBackbone, fp32_convs: bool = True, fuse: bool = True,
                       fp32_stages: Sequence[int] = ()) -> nn.Module:
     """An eval copy of ``model.image_encoder``: Conv+BN folded, convs kept fp32, the stages ``fp32_stages``
-    wholly fp32, channels-last; on the CPU also MBConv and PatchMerging fused (oneDNN) and window attention
-    in chunks."""
+    wholly fp32, channels-last; on the CPU also the attention blocks' windows taken in bands (``FusedViTBlock``) and
+    MBConv, PatchMerging and the linear layers fused (oneDNN)."""
     enc = copy.deepcopy(model.image_encoder).eval()
     with torch.no_grad():
         fold_conv_bn(enc)
+    if model.device.type == "cpu":  # bands of windows: a lower peak of host memory; on a GPU only more launches
+        fuse_vit_blocks(enc)  # before fuse_linears, which takes the query-scaled qkv it makes
     if fuse and fp32_convs and model.device.type == "cpu" and can_fuse():
         fuse_blocks(enc)  # before keep_convs_fp32, which would wrap the convolutions it takes
         fuse_linears(enc)
     if fp32_convs:
         keep_convs_fp32(enc)
-    if model.device.type == "cpu":  # a lower peak of host memory; on a GPU it would only add kernel launches
-        chunk_window_attention(enc)
     keep_stages_fp32(enc, fp32_stages)
     enc = enc.to(memory_format=torch.channels_last)
     for p in enc.parameters():
