@@ -191,15 +191,18 @@ def _stock_decoder(model: SamBackbone) -> MaskDecoder:
     """A copy of ``model``'s mask decoder with segment-anything's own attention modules back in place."""
     import copy
 
+    from segment_anything.modeling import TwoWayTransformer
     from segment_anything.modeling.transformer import Attention
 
-    from SAMSelfPromptLib.modeling.backbones import FusedAttention
+    from SAMSelfPromptLib.modeling.backbones import FusedAttention, FusedTwoWayTransformer
 
     dec = copy.deepcopy(model.mask_decoder)
     fused = [m for m in dec.modules() if type(m) is FusedAttention]
     assert len(fused) == 7  # per block: self, token-to-image, image-to-token (x2); the final token-to-image
     for m in fused:
         m.__class__ = Attention
+    assert type(dec.transformer) is FusedTwoWayTransformer
+    dec.transformer.__class__ = TwoWayTransformer
     return dec
 
 
@@ -289,6 +292,47 @@ def test_image_tokens_are_projected_in_the_asked_dtype_and_nothing_else(lite_mod
     with image_projections_in(torch.bfloat16):
         biased_low, _ = model.decode(emb, boxes=box)
     assert float((biased_low - biased).abs().max()) < min(0.5, float((changed_low - biased).abs().max()))
+
+
+@torch.no_grad()
+def test_the_decoder_folds_the_positional_encoding_into_its_bf16_image_projections(lite_model):
+    """With image tokens projected in bf16, the two-way transformer adds the fp32 projection of the
+    positional encoding (computed once) to the projection of the tokens, where the module adds the encoding
+    to the tokens first: the module's outputs up to bf16 rounding, no further from fp32 than the module's
+    own bf16 pass; a weight changed in place is followed; with gradients wanted the module's forward runs."""
+    import copy
+
+    from segment_anything.modeling import TwoWayTransformer
+
+    from SAMSelfPromptLib.modeling.backbones import FusedTwoWayTransformer, image_projections_in
+
+    model = copy.deepcopy(lite_model)
+    transformer = model.mask_decoder.transformer
+    assert type(transformer) is FusedTwoWayTransformer
+    gen = torch.Generator().manual_seed(8)
+    image = (torch.randn(1, 256, 64, 64, generator=gen) * 0.3).contiguous(memory_format=torch.channels_last)
+    positions = model.dense_positional_encoding()
+    prompts = torch.randn(1, 7, 256, generator=gen)
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+
+    def passes() -> tuple:
+        exact = TwoWayTransformer.forward(transformer, image, positions, prompts)
+        with image_projections_in(torch.bfloat16):
+            folded = transformer(image, positions, prompts)
+            module_bf16 = TwoWayTransformer.forward(transformer, image, positions, prompts)
+        return exact, folded, module_bf16
+
+    exact, folded, module_bf16 = passes()
+    for got, low, want in zip(folded, module_bf16, exact):  # the prompt tokens, then the image tokens
+        assert got.dtype == torch.float32 and not torch.equal(got, low)
+        assert rel(got, want) < 2e-2 and rel(got, want) <= 1.25 * rel(low, want), (rel(got, want), rel(low, want))
+    layer = transformer.layers[1].cross_attn_image_to_token
+    layer.q_proj.weight.mul_(0.5)  # in place, as an optimiser step does: its position term is computed again
+    exact, folded, module_bf16 = passes()
+    assert rel(folded[1], exact[1]) <= 1.25 * rel(module_bf16[1], exact[1])
+    with torch.enable_grad():
+        trained = transformer(image, positions, prompts.requires_grad_())
+    assert trained[0].requires_grad and torch.equal(trained[1].detach(), exact[1])
 
 
 def test_fast_mask_head_matches_the_modules_forward_and_backward(lite_model):

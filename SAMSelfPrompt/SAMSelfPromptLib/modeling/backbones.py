@@ -131,6 +131,88 @@ class FusedAttention(Attention):
         return cache[key]
 
 
+    # The folded path of ``FusedTwoWayTransformer``: image tokens cast once per block (``low``), the
+    # positional encoding's part of a projection computed once (``_position_term``).
+
+    def image_projection(self, linear: nn.Linear, low: torch.Tensor, positions: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """``linear(keys + positions)`` (or ``linear(keys)``) of image tokens ``low`` (``keys`` already
+        cast to the projection dtype), in fp32: the product in that dtype, the positions' term added in fp32."""
+        weight, bias = self._weights_in(linear, low.dtype)
+        if positions is None:
+            return F.linear(low, weight, bias).float()
+        return F.linear(low, weight).float().add_(self._position_term(linear, positions))
+
+    def _position_term(self, linear: nn.Linear, positions: torch.Tensor) -> torch.Tensor:
+        """``linear(positions)`` with its bias, in fp32, for 1 x tokens x C positions (the same for every
+        pass), computed again only when the weights or the positions change."""
+        cache = self.__dict__.setdefault("_position_terms", {})
+        key = (*_cast_key(linear, torch.float32), positions.device, positions.data_ptr(), positions._version)
+        if key not in cache:
+            cache.clear()  # this module's own projections only: drop terms of changed weights or positions
+            cache[key] = F.linear(positions[:1], linear.weight, linear.bias)
+        return cache[key]
+
+    def to_image(self, tokens: torch.Tensor, low: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Prompt tokens (their positions already added) attending to image tokens ``low`` at ``positions``."""
+        q = self._separate_heads(self.q_proj(tokens), self.num_heads)
+        k = self._separate_heads(self.image_projection(self.k_proj, low, positions), self.num_heads)
+        v = self._separate_heads(self.image_projection(self.v_proj, low), self.num_heads)
+        return self.out_proj(self._recombine_heads(attend(q, k, v)))
+
+    def from_image(self, low: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                   values: torch.Tensor) -> torch.Tensor:
+        """Image tokens ``low`` at ``positions`` attending to prompt tokens (``keys`` with their positions)."""
+        q = self._separate_heads(self.image_projection(self.q_proj, low, positions), self.num_heads)
+        k = self._separate_heads(self.k_proj(keys), self.num_heads)
+        v = self._separate_heads(self.v_proj(values), self.num_heads)
+        return self._project(self.out_proj, self._recombine_heads(attend(q, k, v)))
+
+
+class FusedTwoWayTransformer(TwoWayTransformer):
+    """segment-anything's ``TwoWayTransformer`` (its blocks' and attentions' parameters as they are) with, for
+    inference with image tokens projected in a low precision (``image_projections_in``, no gradient
+    wanted), the positional encoding folded into the projections it feeds.
+
+    The module adds the encoding to the 4096 x 256 image tokens before five of the ten projections of them
+    and casts the tokens for each of the ten. Here a projection of tokens plus encoding is the projection
+    of the tokens plus the projection of the encoding, the latter fp32 and computed once
+    (``FusedAttention._position_term``), and each block casts its image tokens once for its three
+    projections of them: five adds and six casts of 4096 x 256 values fewer a pass (about 2 ms of a 35 ms
+    SAM-SP pair on the 2-core CPU), and the encoding is never rounded (docs/RESULTS.md, Speed, session
+    18). Anything else (training, fp32) runs the module's forward."""
+
+    def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = _IMAGE_PROJECTION_DTYPE.get()
+        if dtype is None or torch.is_grad_enabled():
+            return super().forward(image_embedding, image_pe, point_embedding)
+        keys = image_embedding.flatten(2).permute(0, 2, 1)  # B x C x H x W -> B x HW x C
+        positions = image_pe.flatten(2).permute(0, 2, 1)
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = _folded_block(layer, queries, keys, point_embedding, positions, dtype)
+        attended = self.final_attn_token_to_image.to_image(queries + point_embedding, keys.to(dtype), positions)
+        return self.norm_final_attn(queries + attended), keys
+
+
+def _folded_block(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                  positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``TwoWayAttentionBlock`` on the folded path: prompt self-attention, prompts to image, MLP, image to
+    prompts, each with its residual and layer norm, as the block computes them."""
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(q=queries, k=queries, v=queries)
+    else:
+        with_pe = queries + query_pe
+        queries = queries + layer.self_attn(q=with_pe, k=with_pe, v=queries)
+    queries = layer.norm1(queries)
+    low = keys.to(dtype)  # the block's one cast of its image tokens
+    queries = layer.norm2(queries + layer.cross_attn_token_to_image.to_image(queries + query_pe, low, positions))
+    queries = layer.norm3(queries + layer.mlp(queries))
+    from_image = layer.cross_attn_image_to_token.from_image(low, positions, queries + query_pe, queries)
+    return queries, layer.norm4(keys + from_image)
+
+
 def _cast_key(linear: nn.Linear, dtype: torch.dtype) -> tuple:
     """What a cast copy of ``linear``'s parameters depends on: the layer, the dtype, and each parameter's
     storage and in-place version (an optimiser step bumps it)."""
@@ -139,13 +221,16 @@ def _cast_key(linear: nn.Linear, dtype: torch.dtype) -> tuple:
 
 
 def fuse_decoder_attention(decoder: nn.Module) -> int:
-    """Make every segment-anything ``Attention`` in ``decoder`` a ``FusedAttention``, in place (its
-    class only: the weights and the state-dict keys stay as they are); the number changed."""
+    """Make every segment-anything ``Attention`` in ``decoder`` a ``FusedAttention`` and its
+    ``TwoWayTransformer`` a ``FusedTwoWayTransformer``, in place (their classes only: the weights and the
+    state-dict keys stay as they are); the number of attentions changed."""
     n = 0
     for module in decoder.modules():
         if type(module) is Attention:
             module.__class__ = FusedAttention
             n += 1
+        elif type(module) is TwoWayTransformer:
+            module.__class__ = FusedTwoWayTransformer
     return n
 
 
