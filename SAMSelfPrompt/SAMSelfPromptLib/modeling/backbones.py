@@ -130,7 +130,6 @@ class FusedAttention(Attention):
                           for m in (self.q_proj, self.k_proj, self.v_proj, self.out_proj)})
         return cache[key]
 
-
     # The folded path of ``FusedTwoWayTransformer``: image tokens cast once per block (``low``), the
     # positional encoding's part of a projection computed once (``_position_term``).
 

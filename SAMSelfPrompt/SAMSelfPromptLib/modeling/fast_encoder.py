@@ -30,7 +30,8 @@ autocast about 2.4x faster than fp32. What is kept, measured on the 2-core CPU
   cuts, attention, the way back and the residual add run on a band of window rows while it is in
   cache, the scale sits in the query weights, and the local convolution reads the tokens in place.
   Banding the attention took the encoder's peak of live tensors from 80 to 59 MB a slice (session
-  15); doing the rest per band too took about 6% off a slice (session 18, docs/RESULTS.md, Speed).
+  8); doing the rest per band too took about 3% off a slice in bf16 and 10% in fp32 (session 18,
+  docs/RESULTS.md, Speed).
 - **A checkpoint may keep whole stages in fp32** (``fp32_stages``). Most of the bf16 error builds
   up in stage 2's six blocks: keeping that stage in fp32 took a left-atrium MR slice's embedding
   error from 1.7% to 0.9% (relative L2) for about 13% more time per slice (interleaved runs), and the
@@ -337,7 +338,8 @@ class FusedViTBlock(nn.Module):
             top, bottom = first * w, min((first + band_rows) * w, self.height)
             band = grid[:, top:bottom]
             padded = F.pad(band, (0, 0, 0, cols * w - self.width, 0, band_rows * w - (bottom - top)))
-            windows = padded.reshape(b, band_rows, w, cols, w, channels).transpose(2, 3).reshape(-1, w * w, channels)
+            windows = padded.reshape(b, band_rows, w, cols, w, channels).transpose(2, 3)
+            windows = windows.reshape(-1, w * w, channels)
             attended = self.attend(windows).view(b, band_rows, cols, w, w, channels).transpose(2, 3)
             attended = attended.reshape(b, band_rows * w, cols * w, channels)[:, :bottom - top, :self.width]
             torch.add(band, attended, out=out_grid[:, top:bottom])  # the residual, fp32 as in the block
