@@ -295,3 +295,27 @@ def test_batch_reports_the_failed_case(capsys, tmp_path):
     assert "part 0 of 2: 0 of 1 cases written, 1 failed" in stdout
     code, _, err = run_cli(capsys, "segment", src, "-o", tmp_path / "out", "--part", 2, "--num-parts", 2)
     assert code == 2 and "--part must be in [0, 2)" in err
+
+
+def test_adapt_eval_summarizes_earlier_runs_into_a_markdown_table(capsys, tmp_path):
+    """`adapt-eval --summarize RUNS.jsonl --markdown TABLE.md`: the table of earlier runs, a rerun of a case
+    replacing its first line, pooled false positives, and the Markdown written whole over an earlier one."""
+    import json
+
+    def run(case, dice, fp, adapt_s):
+        return {"dataset": "la_mri", "case": case, "k": 3, "start": "vanilla", "extent": True, "dice": dice,
+                "n_negative": 10, "fp_slices": fp, "n_positive": 20, "missed_slices": 1, "adapt_s": adapt_s,
+                "adapt_cpu_s": adapt_s * 2, "segment_s": 4.0}
+
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("\n".join(json.dumps(r) for r in (run("A", 0.5, 5, 10.0), run("B", 0.8, 1, 20.0),
+                                                         run("A", 0.9, 0, 30.0))) + "\n\n")
+    table = tmp_path / "table.md"
+    table.write_text("an earlier table\n")
+    assert cli.main(["adapt-eval", "--summarize", str(runs), "--markdown", str(table)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert table.read_text() == printed + "\n"
+    row = printed.splitlines()[-1]
+    # A's rerun (0.9, no false positive, 30 s) replaced its first run: 2 volumes, Dice (0.9 + 0.8) / 2.
+    assert row == "| la_mri | vanilla | yes | 3 | 2 | 0.850 | 5.0% (1/20) | 2/40 | 25.0 / 30.0 | 50.0 / 60.0 | 4.0 |"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.jsonl", "table.md"]  # no temporary file left

@@ -3,10 +3,12 @@ No timing thresholds: bench's numbers are checked for presence, format and consi
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
 import slicerio
+import torch
 
 from SAMSelfPromptLib.cli import main as cli
 from SAMSelfPromptLib.io import read_image
@@ -44,7 +46,8 @@ def test_bench_writes_every_key(capsys, tmp_path):
     assert cli.main(argv) == 0
     stdout = capsys.readouterr().out
     patterns = [
-        rf"^device cpu \(1 CPU threads\), .+, input 256 px, precision (bf16|fp32)$",
+        rf"^device cpu \(1 CPU threads of .+, (DEFAULT|AVX2|AVX512|ZVECTOR|NEON|SVE\d*)(, AMX|, native bf16)?\), .+, "
+        rf"input 256 px, precision (bf16|fp32)$",
         rf"^encoder\s+{NUM} ms/slice\s+\({NUM} GFLOP/slice\); naive fp32 {NUM} ms/slice = {NUM}x$",
         rf"^FLOP-bound floor\s+{NUM} ms/slice\s+\(matmul peak {NUM} GFLOP/s float32, {NUM} \w+\); "
         rf"encoder / floor = {NUM}x$",
@@ -66,6 +69,13 @@ def test_bench_writes_every_key(capsys, tmp_path):
     missing = [k for k in BENCH_KEYS if k not in r]
     assert not missing, missing
     assert r["gpu_slices_per_s"] is None and r["peak_gpu_mb"] is None and r["device"] == "cpu"
+    from SAMSelfPromptLib.modeling.backbones import cpu_has_native_bf16
+
+    cpu = r["cpu"]  # what machine the numbers are from
+    assert cpu["model"] and cpu["native_bf16"] == cpu_has_native_bf16() and cpu["cores"] == os.cpu_count()
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
+    if not os.environ.get("SAMSELFPROMPT_PRECISION"):  # the fast path follows the CPU unless told otherwise
+        assert r["precision"] == ("bf16" if cpu["native_bf16"] else "fp32")
     assert r["ct_slices"] == 2 and r["rss_slices"] == 2 and r["baseline_slices"] == 1 and r["threads"] == 1
     positive = ("encoder_ms_per_slice", "naive_encoder_ms_per_slice", "floor_ms_per_slice", "ct100_seconds",
                 "refine_ms", "peak_rss_mb_512x512x300", "decoder_ms_one_pass", "decoder_ms_samsp_pair",

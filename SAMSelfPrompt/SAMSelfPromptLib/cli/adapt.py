@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.files import write_text_atomic
+
 DATASETS = {"la_mri": (1,), "acdc": (3,)}  # ACDC: the left ventricle
 
 
@@ -70,7 +72,7 @@ def run_adapt_eval(args) -> int:
         table = summary_table(rows)
         print(table)
         if args.markdown:
-            Path(args.markdown).write_text(table + "\n")
+            write_text_atomic(args.markdown, table + "\n")
         return 0
     if not args.json:
         raise SystemExit("adapt-eval: --json is required (or --summarize)")
@@ -120,7 +122,7 @@ def run_adapt_eval(args) -> int:
     table = summary_table(rows)
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+        write_text_atomic(args.markdown, table + "\n")
     return 0
 
 

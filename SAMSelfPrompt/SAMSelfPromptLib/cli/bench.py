@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -38,6 +39,7 @@ import torch
 from ..core.masks import dice
 from ..core.predictor import Segmenter, SegmentOptions, segment_volume
 from ..core.volume import Volume
+from ..io.files import write_text_atomic
 from ..modeling.backbones import autocast_for, pick_device
 from ..modeling.fast_encoder import runs_folded_copy
 
@@ -88,6 +90,29 @@ def encoder_flops(segmenter: Segmenter) -> tuple[float, float]:
     ops = counter.get_flop_counts().get("Global", {})
     conv = sum(v for op, v in ops.items() if "convolution" in str(op))
     return float(counter.get_total_flops()), float(conv)
+
+
+def cpu_description() -> dict:
+    """What this CPU is, for reading a bench against another: its model name, the vector ISA torch dispatches
+    to, and whether it has native bf16 and AMX. The development machines of one kind have been different
+    CPUs from session to session (an AMD EPYC with AVX-512 BF16, an Intel Xeon with AMX), and the fast path's
+    balance differs between them (docs/RESULTS.md, Speed, session 19)."""
+    from ..modeling.backbones import cpu_has_native_bf16
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the platform's name only
+        pass
+    return {"model": model, "capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": cpu_has_native_bf16(), "amx": "amx_bf16" in flags, "cores": os.cpu_count()}
 
 
 def phantom_volume(slices: int, size: int = 512, seed: int = 0) -> Volume:
@@ -393,7 +418,7 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None
     pipe_s = fast_run["segment_s"]
     gpu = device.type == "cuda"
     return {
-        "device": str(device), "model": opened.description, "input_size": px, "threads": torch.get_num_threads(),
+        "device": str(device), "cpu": cpu_description(), "model": opened.description, "input_size": px, "threads": torch.get_num_threads(),
         "precision": seg.precision, "batch_size": batch_size,
         "encoder_ms_per_slice": enc_s * 1e3, "naive_encoder_ms_per_slice": naive_s * 1e3,
         "encoder_speedup_vs_naive": naive_s / enc_s,
@@ -421,8 +446,10 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None
 
 def print_report(r: dict) -> None:
     ct, nv = r["ct100"], r["naive_ct100"]
-    print(f"device {r['device']} ({r['threads']} CPU threads), {r['model']}, input {r['input_size']} px, "
-          f"precision {r['precision']}")
+    cpu = r["cpu"]
+    isa = cpu["capability"] + (", AMX" if cpu["amx"] else ", native bf16" if cpu["native_bf16"] else "")
+    print(f"device {r['device']} ({r['threads']} CPU threads of {cpu['model']}, {isa}), {r['model']}, "
+          f"input {r['input_size']} px, precision {r['precision']}")
     print(f"encoder            {r['encoder_ms_per_slice']:9.1f} ms/slice   ({r['encoder_gflops_per_slice']:.1f} "
           f"GFLOP/slice); naive fp32 {r['naive_encoder_ms_per_slice']:.1f} ms/slice = "
           f"{r['encoder_speedup_vs_naive']:.2f}x")
@@ -461,7 +488,7 @@ def run(args: argparse.Namespace) -> int:
                   args.rss_slices, args.size, args.threads, args.target, args.split)
     print_report(r)
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2))
+        write_text_atomic(args.json, json.dumps(r, indent=2))
     return 0
 
 

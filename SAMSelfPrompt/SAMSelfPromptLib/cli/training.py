@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..core.preprocess import CT_WINDOWS, ct_window
+from ..io.files import write_text_atomic
 
 DEFAULT_PH2_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "samsp_ph2_litemedsam.pt"
 
@@ -349,16 +350,13 @@ def run_evaluate(args) -> int:
         out["promise_checkpoint"] = args.promise_checkpoint
     if args.clicks:
         out["clicks"], out["clicks_rows"] = _click_metrics(args, vanilla, trained, samples, device)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    write_text_atomic(args.json, json.dumps(out, indent=1))
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
 def _record_val_rows(checkpoint: Path, out: dict, split: str) -> None:
     """The val table beside a target's checkpoint, for `samselfprompt models` and the hosts."""
-    from ..io.files import atomic_write
-
     summary_path = checkpoint.with_suffix(".json")
     if not summary_path.is_file():
         raise SystemExit(f"--write-summary: {summary_path} does not exist (train --target writes it)")
@@ -368,7 +366,7 @@ def _record_val_rows(checkpoint: Path, out: dict, split: str) -> None:
     if "volumes" in out:
         summary["val_volumes"] = out["volumes"]
     text = json.dumps(summary, indent=1) + "\n"
-    atomic_write(summary_path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    write_text_atomic(summary_path, text)
     print(f"recorded the val rows in {summary_path}", file=sys.stderr)
 
 

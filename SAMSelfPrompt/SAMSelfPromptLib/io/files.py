@@ -101,3 +101,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """A report (JSON, a Markdown table) written whole or not at all, replacing an earlier one: an
+    interrupted run never leaves half a report where the last complete one was."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)

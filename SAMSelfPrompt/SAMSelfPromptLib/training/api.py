@@ -195,7 +195,7 @@ def write_summary(checkpoint: str | Path, json_path: str | Path, extra: dict[str
     """The small human-readable JSON shipped beside a checkpoint: what it is and how well it did."""
     import json
 
-    from ..io.files import sha256_of
+    from ..io.files import sha256_of, write_text_atomic
     from ..weights.checkpoint import read_samsp
 
     meta = read_samsp(checkpoint)["metadata"]
@@ -206,5 +206,5 @@ def write_summary(checkpoint: str | Path, json_path: str | Path, extra: dict[str
     summary["file"] = Path(checkpoint).name
     summary["sha256"] = sha256_of(checkpoint)
     summary.update(extra or {})
-    Path(json_path).write_text(json.dumps(_plain(summary), indent=1) + "\n")
+    write_text_atomic(json_path, json.dumps(_plain(summary), indent=1) + "\n")
     return summary
