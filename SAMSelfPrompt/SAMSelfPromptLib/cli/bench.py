@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from ..core.masks import dice
 from ..core.predictor import Segmenter, SegmentOptions, segment_volume
 from ..core.volume import Volume
 from ..io.files import write_text_atomic
-from ..modeling.backbones import autocast_for, pick_device
+from ..modeling.backbones import autocast_for, cpu_has_native_bf16, cpu_info, pick_device
 from ..modeling.fast_encoder import runs_folded_copy
 
 
@@ -95,22 +94,9 @@ def encoder_flops(segmenter: Segmenter) -> tuple[float, float]:
 def cpu_description() -> dict:
     """What this CPU is, for reading a bench against another: its model name, the vector ISA torch dispatches
     to, and whether it has native bf16 and AMX. The development machines of one kind have been different
-    CPUs from session to session (an AMD EPYC with AVX-512 BF16, an Intel Xeon with AMX), and the fast path's
-    balance differs between them (docs/RESULTS.md, Speed, session 19)."""
-    from ..modeling.backbones import cpu_has_native_bf16
-
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:  # not Linux: the platform's name only
-        pass
+    CPUs from session to session (session 4 recorded an AMD EPYC with AVX-512 BF16, session 19 ran on an Intel
+    Xeon with AMX), and the fast path's balance differs between them (docs/RESULTS.md, Speed, session 19)."""
+    model, flags = cpu_info()
     return {"model": model, "capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": cpu_has_native_bf16(), "amx": "amx_bf16" in flags, "cores": os.cpu_count()}
 
@@ -418,8 +404,8 @@ def run_bench(device_name: str | None, slices: int = 100, batch_size: int | None
     pipe_s = fast_run["segment_s"]
     gpu = device.type == "cuda"
     return {
-        "device": str(device), "cpu": cpu_description(), "model": opened.description, "input_size": px, "threads": torch.get_num_threads(),
-        "precision": seg.precision, "batch_size": batch_size,
+        "device": str(device), "cpu": cpu_description(), "model": opened.description, "input_size": px,
+        "threads": torch.get_num_threads(), "precision": seg.precision, "batch_size": batch_size,
         "encoder_ms_per_slice": enc_s * 1e3, "naive_encoder_ms_per_slice": naive_s * 1e3,
         "encoder_speedup_vs_naive": naive_s / enc_s,
         "encoder_gflops_per_slice": flops / 1e9, "encoder_conv_gflops_per_slice": conv_flops / 1e9,

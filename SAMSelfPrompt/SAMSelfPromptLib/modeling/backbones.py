@@ -620,6 +620,27 @@ PRECISION_ENV = "SAMSELFPROMPT_PRECISION"
 
 
 @lru_cache(maxsize=1)
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and feature flags, from the kernel (/proc/cpuinfo); elsewhere the platform's
+    processor name and no flags."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":  # after the model name; the first processor's is enough
+                    flags = frozenset(value.split())
+                    break
+    except OSError:  # not Linux
+        pass
+    return model, flags
+
+
+@lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: oneDNN runs bf16 convolutions and matmuls natively on this CPU.
 
@@ -630,12 +651,7 @@ def cpu_has_native_bf16() -> bool:
             return True
     except Exception:  # noqa: BLE001 - a private probe that changed: fall back to the kernel's flags
         pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
 
 
 def resolve_precision(device: torch.device, requested: str | None = None) -> str:
